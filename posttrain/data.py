@@ -1,0 +1,148 @@
+"""Load the training data a recipe names, and reject bad rows before training starts.
+
+A recipe names data the way TRL does (`dataset_name`, or a `datasets:` mixture
+with weights); each source may be a hub id, a local `.jsonl`/`.json`/`.parquet`
+file, or a directory written by `data_scripts/` (`train.jsonl`, `test.jsonl`).
+Everything is loaded through `datasets.load_dataset`; this module only maps
+local paths to the right builder and turns bad input into one-line errors that
+name the file and line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+from posttrain.errors import PosttrainError
+
+ROLES = ("system", "user", "assistant")
+_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+
+
+def check_jsonl(path: str | Path) -> None:
+    """Fail on the first malformed line of a JSON Lines file, naming file and line."""
+    with open(path, encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise PosttrainError(f"{path} line {lineno}: malformed JSON ({err.msg})") from None
+            if not isinstance(row, dict):
+                raise PosttrainError(f"{path} line {lineno}: expected a JSON object, got {type(row).__name__}")
+
+
+def _local_data_files(path: Path) -> tuple[str, dict[str, str]] | None:
+    """(builder, {split: file}) for a local file or data_scripts directory, else None (a hub id)."""
+    if path.is_dir():
+        files = {split: path / f"{split}.jsonl" for split in ("train", "test")}
+        files = {s: f for s, f in files.items() if f.exists()}
+        if "train" not in files:
+            raise PosttrainError(f"dataset directory {path} has no train.jsonl (write one with data_scripts/)")
+        for f in files.values():
+            check_jsonl(f)
+        return "json", {s: str(f) for s, f in files.items()}
+    if path.suffix in _BUILDERS:
+        if not path.exists():
+            raise PosttrainError(f"dataset file {path} not found")
+        if path.suffix == ".jsonl":
+            check_jsonl(path)
+        return _BUILDERS[path.suffix], {"train": str(path)}
+    return None
+
+
+def load_source(path: str, name: str | None = None, split: str | None = None, streaming: bool = False):
+    """`datasets.load_dataset` for a hub id, a local file or a data_scripts directory.
+
+    Returns a DatasetDict when split is None, else that split.
+    """
+    import datasets
+
+    local = _local_data_files(Path(path))
+    if local is None:
+        return datasets.load_dataset(path, name=name, split=split, streaming=streaming)
+    builder, files = local
+    try:
+        ds = datasets.load_dataset(builder, data_files=files, streaming=streaming)
+    except Exception as err:  # a schema clash between lines, a corrupt parquet file
+        raise PosttrainError(f"dataset {path}: cannot be loaded ({type(err).__name__}: {err})".splitlines()[0]) from None
+    if split is None:
+        return ds
+    if split not in ds:
+        raise PosttrainError(f"dataset {path} has no split {split!r} (it has {', '.join(ds)})")
+    return ds[split]
+
+
+def load_train_eval(script_args, mixture_args, want_eval: bool):
+    """The (train, eval-or-None) datasets a recipe names: `datasets:` mixture or `dataset_name`."""
+    import datasets
+    from trl import get_dataset
+
+    if mixture_args.datasets:
+        # Map local paths to the json/parquet builders, then let TRL mix (with `fraction` weights).
+        resolved = []
+        for cfg in mixture_args.datasets:
+            local = _local_data_files(Path(cfg.path))
+            if local is not None:
+                builder, files = local
+                if cfg.split not in files:
+                    raise PosttrainError(f"dataset {cfg.path} has no split {cfg.split!r}")
+                cfg = dataclasses.replace(cfg, path=builder, data_files=files[cfg.split], split="train")
+            resolved.append(cfg)
+        dsd = get_dataset(dataclasses.replace(mixture_args, datasets=resolved))
+        train_split, test_split = "train", "test"
+    elif script_args.dataset_name:
+        dsd = load_source(script_args.dataset_name, script_args.dataset_config, streaming=script_args.dataset_streaming)
+        train_split, test_split = script_args.dataset_train_split, script_args.dataset_test_split
+    else:
+        raise PosttrainError("the recipe names no data: set dataset_name or a datasets: mixture")
+    if not isinstance(dsd, (datasets.DatasetDict, datasets.IterableDatasetDict)):
+        dsd = datasets.DatasetDict({train_split: dsd})
+    if train_split not in dsd:
+        raise PosttrainError(f"dataset has no split {train_split!r} (it has {', '.join(dsd)})")
+    eval_ds = None
+    if want_eval:
+        if test_split not in dsd:
+            raise PosttrainError(
+                f"eval_strategy is set but the dataset has no {test_split!r} split; "
+                "set eval_strategy: 'no', or test_split_size for a mixture"
+            )
+        eval_ds = dsd[test_split]
+    return dsd[train_split], eval_ds
+
+
+def _check_messages(messages, where: str, final_assistant: bool = False) -> None:
+    if not isinstance(messages, list) or not messages:
+        raise PosttrainError(f"{where}: expected a non-empty list of messages")
+    for m in messages:
+        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+            raise PosttrainError(f"{where}: each message needs a role in {ROLES} and a string content, got {m!r}"[:300])
+    if final_assistant and messages[-1]["role"] != "assistant":
+        raise PosttrainError(f"{where}: the last message must be the assistant's")
+
+
+def validate_sft_rows(dataset, source: str) -> None:
+    """Every row is a conversation with at least one non-empty assistant turn."""
+    if "messages" not in dataset.column_names:
+        raise PosttrainError(f"dataset {source}: SFT needs a 'messages' column (has {', '.join(dataset.column_names)})")
+    for i, messages in enumerate(dataset["messages"], 1):
+        where = f"dataset {source} row {i}"
+        _check_messages(messages, where)
+        if not any(m["role"] == "assistant" and m["content"].strip() for m in messages):
+            raise PosttrainError(f"{where}: no assistant turn to train on")
+
+
+def validate_preference_rows(dataset, source: str) -> None:
+    """Every row has prompt messages and one non-empty assistant message each for chosen and rejected."""
+    missing = {"prompt", "chosen", "rejected"} - set(dataset.column_names)
+    if missing:
+        raise PosttrainError(f"dataset {source}: preference data needs columns prompt, chosen, rejected (missing {', '.join(sorted(missing))})")
+    for i, row in enumerate(dataset, 1):
+        where = f"dataset {source} row {i}"
+        _check_messages(row["prompt"], f"{where} prompt")
+        for key in ("chosen", "rejected"):
+            _check_messages(row[key], f"{where} {key}", final_assistant=True)
+            if not row[key][-1]["content"].strip():
+                raise PosttrainError(f"{where}: empty {key} response")

@@ -1,0 +1,270 @@
+"""Tiny, offline stand-ins for the real inputs, shared by the tests, the demo
+and the benchmarks: a byte-level BPE tokenizer with the Qwen special tokens, a
+random checkpoint written exactly in the pre-training source format
+(../shared/SOURCE_FORMAT.md), and small SFT and preference datasets.
+
+Nothing here downloads anything; everything is deterministic given a seed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+
+from posttrain.chat_template import ENDOFTEXT, IM_END, IM_START, SPECIAL_TOKENS
+
+# --------------------------------------------------------------------------- data
+
+SYSTEM_PROMPT = "You are a helpful, harmless, and honest assistant."
+
+# Short, memorisable question/answer pairs: a tiny model can learn them exactly.
+QA_PAIRS = [
+    ("What is the capital of France?", "Paris is the capital of France."),
+    ("What color is the sky?", "The sky is blue."),
+    ("How many legs does a cat have?", "A cat has four legs."),
+    ("What do bees make?", "Bees make honey."),
+    ("What is two plus two?", "Two plus two is four."),
+    ("Where does the sun rise?", "The sun rises in the east."),
+]
+
+# For each prompt a preferred (polite, correct) and a rejected (wrong) answer.
+REJECTED_ANSWERS = [
+    "I do not know, maybe Rome.",
+    "The sky is green.",
+    "Cats have seven legs.",
+    "Bees make cheese.",
+    "Two plus two is five.",
+    "The sun rises in the west.",
+]
+
+
+def sft_rows(system_prompt: str | None = SYSTEM_PROMPT) -> list[dict]:
+    """Conversations in `messages` form: single-turn Q/A plus one two-turn dialogue."""
+    head = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    rows = [
+        {"messages": head + [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
+        for q, a in QA_PAIRS
+    ]
+    (q1, a1), (q2, a2) = QA_PAIRS[0], QA_PAIRS[4]
+    rows.append(
+        {
+            "messages": head
+            + [
+                {"role": "user", "content": q1},
+                {"role": "assistant", "content": a1},
+                {"role": "user", "content": q2},
+                {"role": "assistant", "content": a2},
+            ]
+        }
+    )
+    return rows
+
+
+def preference_rows(system_prompt: str | None = SYSTEM_PROMPT) -> list[dict]:
+    """Preference pairs in the form data_scripts writes: prompt messages, chosen, rejected."""
+    head = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    return [
+        {
+            "prompt": head + [{"role": "user", "content": q}],
+            "chosen": [{"role": "assistant", "content": a}],
+            "rejected": [{"role": "assistant", "content": r}],
+        }
+        for (q, a), r in zip(QA_PAIRS, REJECTED_ANSWERS)
+    ]
+
+
+def write_jsonl(path: str | Path, rows: list[dict]) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as fh:
+        for row in rows:
+            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+    return path
+
+
+# ---------------------------------------------------------------------- tokenizer
+
+_CORPUS_EXTRA = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Instruction following and preference alignment for a small language model.",
+    "Hello! How can I help you today? Please answer the question.",
+    "system user assistant",
+]
+
+
+def build_tokenizer(vocab_size: int = 384):
+    """A byte-level BPE tokenizer trained offline, with the Qwen special tokens appended
+    after the BPE vocabulary (as in Qwen: `<|endoftext|>`, `<|im_start|>`, `<|im_end|>`).
+
+    It carries no chat template: like the real `qwen3_tokenizer` directory, it is a
+    base tokenizer; `convert-checkpoint` installs the ChatML template.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    corpus = [f"{q} {a} {r}" for (q, a), r in zip(QA_PAIRS, REJECTED_ANSWERS)] + _CORPUS_EXTRA + [SYSTEM_PROMPT]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(corpus * 4, trainer)
+    tok.add_special_tokens(list(SPECIAL_TOKENS))
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token=ENDOFTEXT,
+        pad_token=ENDOFTEXT,
+        additional_special_tokens=[IM_START, IM_END],
+        model_max_length=4096,
+    )
+
+
+def save_tokenizer(directory: str | Path, vocab_size: int = 384) -> Path:
+    directory = Path(directory)
+    build_tokenizer(vocab_size).save_pretrained(directory)
+    return directory
+
+
+# --------------------------------------------------------------------- checkpoint
+
+
+def tiny_model_args(**overrides) -> dict:
+    """`model_args` of a tiny model, every field the source format has.
+
+    Defaults reproduce the traps of the real run at small scale: MHA, a d_ff that
+    is not a multiple of 64 (int(8*E/3)), eps 1e-5.
+    """
+    n_embd = overrides.get("n_embd", 96)
+    args = dict(
+        block_size=256,
+        vocab_size=400,
+        n_layer=2,
+        n_head=4,
+        n_embd=n_embd,
+        normalization="rmsnorm",
+        norm_eps=1e-5,
+        activation="swiglu",
+        attention_backend="sdpa",
+        num_key_value_heads=overrides.get("n_head", 4),
+        position_encoding="rope",
+        rope_theta=10000.0,
+        norm_position="pre",
+        ffn_type="swiglu",
+        bias=False,
+        dropout=0.0,
+        weight_tying=False,
+        d_ff=int(8 * n_embd / 3),
+        ffn_expansion_ratio=8 / 3,
+        attention_dropout=0.0,
+        residual_dropout=0.0,
+    )
+    args.update(overrides)
+    return args
+
+
+QWEN3_1_8B_ARGS = dict(
+    tiny_model_args(),
+    block_size=2048,
+    vocab_size=151669,
+    n_layer=24,
+    n_head=16,
+    n_embd=2048,
+    num_key_value_heads=16,
+    d_ff=5461,
+    norm_eps=1e-5,
+    rope_theta=1e6,
+    dropout=0.05,
+)
+
+
+def _rope_tables(block_size: int, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    angles = torch.outer(torch.arange(block_size, dtype=torch.float32), inv_freq)
+    return angles.cos(), angles.sin()
+
+
+def source_state_dict(model_args: dict, seed: int = 0, dtype=torch.bfloat16, std: float | None = None) -> dict:
+    """A random state dict with exactly the source format's keys and shapes (no prefix)."""
+    a = model_args
+    E, H, L, V, F = a["n_embd"], a["n_head"], a["n_layer"], a["vocab_size"], a["d_ff"]
+    KV = a["num_key_value_heads"]
+    D = E // H
+    gen = torch.Generator().manual_seed(seed)
+    std = std if std is not None else 0.5 / math.sqrt(E)
+
+    def w(*shape):
+        return (torch.randn(*shape, generator=gen) * std).to(dtype)
+
+    def norm():
+        return (1.0 + 0.1 * torch.randn(E, generator=gen)).to(dtype)
+
+    sd = {"token_embeddings.weight": w(V, E)}
+    cos, sin = _rope_tables(a["block_size"], D, a["rope_theta"])
+    for i in range(L):
+        p = f"blocks.{i}."
+        sd[p + "norm1.weight"] = norm()
+        if KV == H:
+            sd[p + "attn.c_attn.weight"] = w(3 * E, E)
+        else:
+            sd[p + "attn.c_q.weight"] = w(E, E)
+            sd[p + "attn.c_kv.weight"] = w(2 * KV * D, E)
+        sd[p + "attn.c_proj.weight"] = w(E, E)
+        sd[p + "attn.rope.cos_cached"] = cos.clone()
+        sd[p + "attn.rope.sin_cached"] = sin.clone()
+        if a.get("attention_backend") == "manual":
+            T = a["block_size"]
+            sd[p + "attn.bias"] = torch.tril(torch.ones(T, T)).view(1, 1, T, T)
+        sd[p + "norm2.weight"] = norm()
+        sd[p + "ffn.w_gate.weight"] = w(F, E)
+        sd[p + "ffn.w_value.weight"] = w(F, E)
+        sd[p + "ffn.w_out.weight"] = w(E, F)
+    sd["final_norm.weight"] = norm()
+    # Tied: the very same tensor under both keys, as torch.save writes a tied module.
+    sd["lm_head.weight"] = sd["token_embeddings.weight"] if a["weight_tying"] else w(V, E)
+    return sd
+
+
+def fake_optimizer_state(state_dict: dict) -> dict:
+    """An AdamW-shaped optimizer state (fp32 moments): the bulk of a real checkpoint."""
+    params = [k for k in state_dict if not k.endswith(("cos_cached", "sin_cached", "attn.bias"))]
+    state = {
+        i: {
+            "step": torch.tensor(160000.0),
+            "exp_avg": torch.zeros(state_dict[k].shape, dtype=torch.float32),
+            "exp_avg_sq": torch.zeros(state_dict[k].shape, dtype=torch.float32),
+        }
+        for i, k in enumerate(params)
+    }
+    group = dict(lr=3e-5, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, amsgrad=False, params=list(state))
+    return {"state": state, "param_groups": [group]}
+
+
+def write_source_checkpoint(
+    path: str | Path,
+    model_args: dict | None = None,
+    seed: int = 0,
+    prefix: str = "_orig_mod.",
+    iter_num: int = 160000,
+    with_optimizer: bool = True,
+) -> Path:
+    """Write a random checkpoint exactly as the pre-training system saves one."""
+    model_args = dict(model_args or tiny_model_args())
+    sd = source_state_dict(model_args, seed=seed)
+    ckpt = {
+        "model": {prefix + k: v for k, v in sd.items()},
+        "optimizer": fake_optimizer_state(sd) if with_optimizer else {},
+        "model_args": model_args,
+        "iter_num": iter_num,
+        "best_val_loss": torch.tensor(2.345),
+        "config": {"learning_rate": 3e-4, "batch_size": 8, "compile": True, "dataset": "fineweb", "dtype": "bfloat16"},
+    }
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(ckpt, path)
+    return path

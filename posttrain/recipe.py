@@ -1,0 +1,118 @@
+"""Recipes: one YAML file of TRL dataclass fields, overridable from the command line.
+
+`sft.py` and `dpo.py` parse their recipe here, the same way: TRL's own
+`TrlParser` and dataclasses (`ScriptArguments`, `SFTConfig`/`DPOConfig`,
+`ModelConfig`, `DatasetMixtureConfig`), plus a positional YAML path (TRL only
+reads `--config PATH`) and one-line errors for unknown keys. The resolved
+recipe (every effective setting) is saved next to the model so a run can be
+reproduced from its output alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from pathlib import Path
+from typing import Sequence
+
+import yaml
+
+from posttrain.atomic import atomic_write_text
+from posttrain.errors import PosttrainError
+
+RESOLVED_RECIPE_NAME = "recipe.resolved.yaml"
+
+
+def _known_keys(parser) -> set[str]:
+    return {action.dest for action in parser._actions}
+
+
+def _read_yaml(path: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = yaml.safe_load(fh)
+    except FileNotFoundError:
+        raise PosttrainError(f"recipe {path} not found") from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise PosttrainError(f"recipe {path}{where}: invalid YAML ({getattr(err, 'problem', err)})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise PosttrainError(f"recipe {path} must be a YAML mapping of key: value")
+    return data
+
+
+def parse_recipe(dataclass_types: Sequence[type], argv: Sequence[str] | None = None):
+    """Parse `RECIPE.yaml [--key value ...]` (or `--config RECIPE.yaml ...`) into TRL dataclasses.
+
+    YAML keys become defaults; command-line flags override them. An unknown key,
+    in the YAML or on the command line, is a PosttrainError naming it.
+    """
+    from trl import TrlParser
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and not argv[0].startswith("-") and argv[0].endswith((".yaml", ".yml")):
+        argv = ["--config", argv[0], *argv[1:]]
+    parser = TrlParser(list(dataclass_types))
+    if "--config" in argv:
+        i = argv.index("--config")
+        if i + 1 >= len(argv):
+            raise PosttrainError("--config needs a recipe path")
+        path = argv[i + 1]
+        config = _read_yaml(path)
+        unknown = sorted(set(config) - _known_keys(parser) - {"env"})
+        if unknown:
+            raise PosttrainError(
+                f"recipe {path}: unknown key(s) {', '.join(unknown)} "
+                f"(not a field of {', '.join(t.__name__ for t in dataclass_types)})"
+            )
+    try:
+        return parser.parse_args_and_config(args=argv)
+    except ValueError as err:
+        msg = str(err)
+        if "not used by the HfArgumentParser" in msg:
+            raise PosttrainError(f"unknown command-line argument(s): {msg.split(':', 1)[1].strip()}") from None
+        raise PosttrainError(msg) from None
+    except SystemExit as err:  # argparse already printed a one-line usage error
+        raise SystemExit(err.code if err.code else 2) from None
+
+
+def _plain(value):
+    """Make a dataclass value YAML-safe (enums, paths, nested dataclasses)."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if hasattr(value, "value") and type(value).__module__ != "builtins":  # Enum
+        return _plain(value.value)
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    return str(value)
+
+
+def resolved_recipe(*configs) -> dict:
+    """Every effective setting of the given dataclasses, merged into one flat mapping."""
+    merged: dict = {}
+    for config in configs:
+        if hasattr(config, "to_dict"):  # TrainingArguments: drops private/internal fields
+            items = config.to_dict()
+            names = {f.name for f in dataclasses.fields(config) if f.init}
+            items = {k: v for k, v in items.items() if k in names}
+        else:
+            items = {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.init}
+        for key, value in items.items():
+            merged[key] = _plain(value)
+    return merged
+
+
+def save_resolved_recipe(output_dir: str | Path, *configs) -> Path:
+    """Write the resolved recipe as YAML next to the model: rerunnable with `sft.py THIS.yaml`."""
+    path = Path(output_dir) / RESOLVED_RECIPE_NAME
+    text = "# Every effective setting of this run; rerun with: accelerate launch posttrain/<stage>.py " + path.name + "\n"
+    text += yaml.safe_dump(resolved_recipe(*configs), sort_keys=True)
+    atomic_write_text(path, text)
+    return path
