@@ -1,0 +1,57 @@
+"""Shared test fixtures: everything is tiny, built offline, and cached per session."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("WANDB_DISABLED", "true")
+
+import pytest  # noqa: E402
+
+from posttrain import fixtures  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory):
+    """The tiny base tokenizer (no chat template), as a `qwen3_tokenizer`-like directory."""
+    return fixtures.save_tokenizer(tmp_path_factory.mktemp("tokenizer"))
+
+
+@pytest.fixture(scope="session")
+def source_checkpoint(tmp_path_factory):
+    """A tiny MHA checkpoint in the pre-training source format (bf16, `_orig_mod.`, optimizer state)."""
+    return fixtures.write_source_checkpoint(tmp_path_factory.mktemp("ckpt") / "ckpt_000100.pt")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, source_checkpoint, tokenizer_dir):
+    """The tiny checkpoint converted to a Hugging Face model directory (fp32): the start of SFT."""
+    from posttrain.convert import convert_checkpoint
+
+    out = tmp_path_factory.mktemp("converted") / "model"
+    convert_checkpoint(source_checkpoint, tokenizer_dir, out, dtype="float32")
+    return out
+
+
+@pytest.fixture(scope="session")
+def sft_data_dir(tmp_path_factory):
+    """The demo SFT conversations as a data_scripts-style directory (train.jsonl, test.jsonl)."""
+    d = tmp_path_factory.mktemp("sft_data")
+    rows = fixtures.sft_rows()
+    fixtures.write_jsonl(d / "train.jsonl", rows)
+    fixtures.write_jsonl(d / "test.jsonl", rows[:2])
+    return d
+
+
+@pytest.fixture(scope="session")
+def preference_data_dir(tmp_path_factory):
+    """The demo preference pairs as a data_scripts-style directory."""
+    d = tmp_path_factory.mktemp("pref_data")
+    rows = fixtures.preference_rows()
+    fixtures.write_jsonl(d / "train.jsonl", rows)
+    fixtures.write_jsonl(d / "test.jsonl", rows[:2])
+    return d
