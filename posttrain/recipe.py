@@ -94,6 +94,11 @@ def _plain(value):
     return str(value)
 
 
+# Secrets, and deprecated aliases that TrainingArguments mirrors from their new names
+# (transformers 5: gradient_checkpointing* -> activation_checkpointing*).
+_NOT_SAVED = ("hub_token", "gradient_checkpointing", "gradient_checkpointing_kwargs")
+
+
 def resolved_recipe(*configs) -> dict:
     """Every effective setting of the given dataclasses, merged into one flat mapping."""
     merged: dict = {}
@@ -102,6 +107,11 @@ def resolved_recipe(*configs) -> dict:
             items = config.to_dict()
             names = {f.name for f in dataclasses.fields(config) if f.init}
             items = {k: v for k, v in items.items() if k in names}
+            # to_dict masks every `*_token` field as "<NAME>"; keep the real values (eos_token
+            # matters to training) but never the secret, and drop aliases that would warn on re-parse.
+            items.update({k: getattr(config, k) for k in items if k.endswith("_token")})
+            for key in _NOT_SAVED:
+                items.pop(key, None)
         else:
             items = {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.init}
         for key, value in items.items():
