@@ -1,0 +1,157 @@
+"""Talk to a converted or trained model: `python -m posttrain.chat MODEL_DIR`.
+
+An interactive REPL that streams the reply token by token, formatted with the
+model's own chat template (the ChatML template every model here carries), and
+a `--prompt` one-shot mode for scripts that prints only the reply. Generation
+stops at `<|im_end|>`, the end-of-turn token SFT trains the model to emit.
+
+REPL commands: `/system TEXT` sets the system prompt and starts over, `/reset`
+clears the conversation (keeps the system prompt), `/quit` (or Ctrl-D) exits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from posttrain.chat_template import ENDOFTEXT, IM_END
+from posttrain.errors import PosttrainError, run_cli
+
+HELP = "commands: /system TEXT (set system prompt, new conversation), /reset, /quit"
+
+
+def load_model(model_dir: str | Path, device: str | None = None, dtype: str = "auto"):
+    """Load a Hugging Face model directory and its tokenizer for generation (eval mode)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model_dir = Path(model_dir)
+    if not (model_dir / "config.json").is_file():
+        raise PosttrainError(f"{model_dir} is not a model directory (no config.json); pass a convert/SFT/DPO output")
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    if not tokenizer.chat_template:
+        raise PosttrainError(f"{model_dir}: the tokenizer has no chat template; convert it with convert-checkpoint")
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
+    return model, tokenizer
+
+
+def _stop_token_ids(tokenizer) -> list[int]:
+    """End of turn (`<|im_end|>`) and end of text both stop a reply."""
+    vocab = tokenizer.get_vocab()
+    ids = {tokenizer.eos_token_id, vocab.get(IM_END), vocab.get(ENDOFTEXT)}
+    return sorted(i for i in ids if i is not None)
+
+
+def generate_reply(
+    model,
+    tokenizer,
+    messages: list[dict],
+    max_new_tokens: int = 256,
+    do_sample: bool = True,
+    temperature: float = 0.7,
+    top_p: float = 0.9,
+    streamer=None,
+) -> str:
+    """The assistant's next message for `messages` (role/content dicts), without special tokens."""
+    import torch
+
+    inputs = tokenizer.apply_chat_template(
+        messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
+    ).to(model.device)
+    sampling = dict(do_sample=True, temperature=temperature, top_p=top_p) if do_sample else dict(do_sample=False)
+    stop = _stop_token_ids(tokenizer)
+    with torch.inference_mode():
+        output = model.generate(
+            **inputs,
+            max_new_tokens=max_new_tokens,
+            eos_token_id=stop,
+            pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop[0],
+            streamer=streamer,
+            **sampling,
+        )
+    new_tokens = output[0, inputs["input_ids"].shape[1] :]
+    return tokenizer.decode(new_tokens, skip_special_tokens=True).strip()
+
+
+def repl(model, tokenizer, system: str | None, gen_kwargs: dict, stdin=None, stdout=None) -> None:
+    """Read a line, answer it with streamed tokens, keep the conversation; until /quit or EOF."""
+    from transformers import TextStreamer
+
+    stdin = stdin or sys.stdin
+    stdout = stdout or sys.stdout
+    history: list[dict] = []
+    interactive = stdin.isatty()
+    print(HELP, file=stdout, flush=True)
+    while True:
+        if interactive:
+            print(">>> ", end="", file=stdout, flush=True)
+        line = stdin.readline()
+        if not line:  # EOF (Ctrl-D or end of piped input)
+            break
+        line = line.strip()
+        if not line:
+            continue
+        if line in ("/quit", "/exit"):
+            break
+        if line == "/reset":
+            history = []
+            print("[conversation reset]", file=stdout, flush=True)
+            continue
+        if line == "/system" or line.startswith("/system "):
+            system = line[len("/system") :].strip() or None
+            history = []
+            print(f"[system prompt {'set' if system else 'cleared'}; conversation reset]", file=stdout, flush=True)
+            continue
+        if line.startswith("/"):
+            print(f"[unknown command {line.split()[0]}] {HELP}", file=stdout, flush=True)
+            continue
+        history.append({"role": "user", "content": line})
+        head = [{"role": "system", "content": system}] if system else []
+        streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+        reply = generate_reply(model, tokenizer, head + history, streamer=streamer, **gen_kwargs)
+        history.append({"role": "assistant", "content": reply})
+        stdout.flush()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m posttrain.chat", description=__doc__.split("\n\n")[0])
+    p.add_argument("model_dir", help="a Hugging Face model directory (convert-checkpoint, SFT or DPO output)")
+    p.add_argument("--prompt", help="one-shot: answer this prompt, print only the reply, exit")
+    p.add_argument("--system", help="system prompt (default: none)")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument("--top-p", type=float, default=0.9)
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--do-sample", dest="do_sample", action="store_true", default=True, help="sample (default)")
+    mode.add_argument("--greedy", dest="do_sample", action="store_false", help="greedy decoding (deterministic)")
+    p.add_argument("--seed", type=int, default=None, help="seed for sampling (reproducible replies)")
+    p.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda if available)")
+    p.add_argument("--dtype", default="auto", help="auto (as saved), bfloat16, float32, ...")
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    if args.max_new_tokens < 1:
+        raise PosttrainError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if args.do_sample and not (args.temperature > 0 and 0 < args.top_p <= 1):
+        raise PosttrainError("sampling needs --temperature > 0 and 0 < --top-p <= 1 (or pass --greedy)")
+    if args.seed is not None:
+        from transformers import set_seed
+
+        set_seed(args.seed)
+    model, tokenizer = load_model(args.model_dir, device=args.device, dtype=args.dtype)
+    gen_kwargs = dict(
+        max_new_tokens=args.max_new_tokens, do_sample=args.do_sample, temperature=args.temperature, top_p=args.top_p
+    )
+    if args.prompt is not None:
+        head = [{"role": "system", "content": args.system}] if args.system else []
+        print(generate_reply(model, tokenizer, head + [{"role": "user", "content": args.prompt}], **gen_kwargs))
+        return
+    repl(model, tokenizer, args.system, gen_kwargs)
+
+
+if __name__ == "__main__":
+    run_cli(main)
