@@ -1,0 +1,145 @@
+"""The accelerate configs and the SLURM launcher, and real multi-process SFT/DPO launches.
+
+Fast tests: every config parses with accelerate's own schema and says what its
+name promises; the SLURM script renders, for 2 nodes, the commands accelerate
+then resolves to the right ranks, address and process counts.
+
+Slow tests (`-m slow`): `accelerate launch` with the repo's ZeRO-2 / ZeRO-3
+configs on 2 CPU processes, only the process count and precision overridden on
+the command line, and assertions on the saved models.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "accelerate_configs"
+SLURM_SCRIPT = REPO / "recipes" / "launch.slurm"
+
+
+def load_accelerate_config(path: Path):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    return load_config_from_file(str(path))
+
+
+# ------------------------------------------------------------------- configs
+
+
+@pytest.mark.parametrize(
+    "name, stage, offload",
+    [("zero2", 2, "none"), ("zero3", 3, "none"), ("zero3_offload", 3, "cpu"), ("zero3_multinode", 3, "none")],
+)
+def test_deepspeed_configs(name, stage, offload):
+    cfg = load_accelerate_config(CONFIGS / f"{name}.yaml")  # raises on keys accelerate does not know
+    ds = cfg.deepspeed_config
+    assert cfg.distributed_type.value == "DEEPSPEED"
+    assert cfg.mixed_precision == "bf16"
+    assert ds["zero_stage"] == stage
+    assert ds["offload_optimizer_device"] == ds["offload_param_device"] == offload
+    # One `accelerate launch` per node (torchrun), never pdsh/ssh.
+    assert ds["deepspeed_multinode_launcher"] == "standard"
+    if stage == 3:  # gather full 16-bit weights on save, build the model sharded
+        assert ds["zero3_save_16bit_model"] is True and ds["zero3_init_flag"] is True
+    # Accumulation and clipping belong to the recipe (DeepSpeed "auto" is filled from it).
+    assert "gradient_accumulation_steps" not in ds and "gradient_clipping" not in ds
+    expected = (2, 16) if name == "zero3_multinode" else (1, 8)
+    assert (cfg.num_machines, cfg.num_processes) == expected
+
+
+def test_ddp_config():
+    cfg = load_accelerate_config(CONFIGS / "ddp.yaml")
+    assert cfg.distributed_type.value == "MULTI_GPU"
+    assert (cfg.mixed_precision, cfg.num_machines, cfg.num_processes) == ("bf16", 1, 8)
+    assert cfg.deepspeed_config == {}
+
+
+def test_multinode_config_names_its_rendezvous():
+    cfg = load_accelerate_config(CONFIGS / "zero3_multinode.yaml")
+    assert cfg.machine_rank == 0 and cfg.main_process_ip and cfg.main_process_port == 29500
+    # Identical to the single-node ZeRO-3 config except for where and how many.
+    single = load_accelerate_config(CONFIGS / "zero3.yaml").to_dict()
+    multi = cfg.to_dict()
+    changed = {k for k in single.keys() | multi.keys() if single.get(k) != multi.get(k)}
+    assert changed == {"num_machines", "num_processes", "main_process_ip", "main_process_port"}
+
+
+# --------------------------------------------------------------------- SLURM
+
+
+def render_slurm(tmp_path, nodes: int, *script_args, **env) -> list[list[str]]:
+    """Run launch.slurm in DRY_RUN mode as inside an allocation of `nodes` nodes.
+
+    SLURM is not installed here: the SLURM_* variables are set by hand and a
+    stand-in `scontrol` expands the node list the way `scontrol show hostnames` does.
+    """
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    scontrol = bin_dir / "scontrol"
+    scontrol.write_text('#!/bin/sh\n[ "$1 $2" = "show hostnames" ] && printf "gpu-a17\\ngpu-a18\\n"\n')
+    scontrol.chmod(0o755)
+    full_env = {
+        **os.environ,
+        "PATH": f"{bin_dir}:{os.environ['PATH']}",
+        "SLURM_NNODES": str(nodes),
+        "SLURM_JOB_NODELIST": "gpu-a[17-18]",
+        "SLURM_GPUS_ON_NODE": "8",
+        "DRY_RUN": "1",
+        **env,
+    }
+    proc = subprocess.run(
+        ["bash", str(SLURM_SCRIPT), *script_args], capture_output=True, text=True, env=full_env, cwd=REPO
+    )
+    assert proc.returncode == 0, proc.stderr
+    return [shlex.split(line) for line in proc.stdout.splitlines()]
+
+
+def resolve_launch(argv: list[str]):
+    """What `accelerate launch ARGV` resolves to: accelerate's own parser and config merge."""
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+
+    assert argv[:2] == ["accelerate", "launch"]
+    args, _, _ = _validate_launch_command(launch_command_parser().parse_args(argv[2:]))
+    return args
+
+
+def test_slurm_renders_one_launch_per_node(tmp_path):
+    commands = render_slurm(tmp_path, 2, "sft", "recipes/demo/sft.yaml", "--learning_rate", "1e-5", "--run_name", "a b")
+    assert len(commands) == 2
+    for rank, argv in enumerate(commands):
+        args = resolve_launch(argv)
+        assert args.machine_rank == rank
+        assert args.num_machines == 2 and args.num_processes == 16
+        assert args.main_process_ip == "gpu-a17" and args.main_process_port == 29500
+        assert args.same_network and args.rdzv_backend == "static"
+        # From the multi-node config: ZeRO-3, 16-bit save, bf16, torchrun on each node.
+        assert args.use_deepspeed and args.zero_stage == 3 and args.zero3_save_16bit_model
+        assert args.mixed_precision == "bf16" and args.deepspeed_multinode_launcher == "standard"
+        assert args.training_script == "posttrain/sft.py"
+        assert args.training_script_args == ["recipes/demo/sft.yaml", "--learning_rate", "1e-5", "--run_name", "a b"]
+
+
+def test_slurm_respects_overrides(tmp_path):
+    (argv,) = render_slurm(
+        tmp_path, 1, "dpo", "r.yaml", GPUS_PER_NODE="4", MASTER_ADDR="10.1.2.3", MASTER_PORT="30000",
+        ACCELERATE_CONFIG="accelerate_configs/zero2.yaml",
+    )
+    args = resolve_launch(argv)
+    assert (args.num_machines, args.num_processes, args.machine_rank) == (1, 4, 0)
+    assert (args.main_process_ip, args.main_process_port, args.zero_stage) == ("10.1.2.3", 30000, 2)
+    assert args.training_script == "posttrain/dpo.py"
+
+
+def test_slurm_rejects_bad_usage(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    proc = subprocess.run(["bash", str(SLURM_SCRIPT), "pretrain", "x.yaml"], capture_output=True, text=True, env=env)
+    assert proc.returncode == 2 and "usage:" in proc.stderr
+    proc = subprocess.run(["bash", str(SLURM_SCRIPT), "sft", "x.yaml"], capture_output=True, text=True, env=env)
+    assert proc.returncode != 0 and "SLURM_NNODES unset" in proc.stderr
