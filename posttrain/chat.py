@@ -44,7 +44,7 @@ def _stop_token_ids(tokenizer) -> list[int]:
     return sorted(i for i in ids if i is not None)
 
 
-def generate_reply(
+def generate_turn(
     model,
     tokenizer,
     messages: list[dict],
@@ -53,8 +53,8 @@ def generate_reply(
     temperature: float = 0.7,
     top_p: float = 0.9,
     streamer=None,
-) -> str:
-    """The assistant's next message for `messages` (role/content dicts), without special tokens."""
+) -> tuple[str, bool]:
+    """(the assistant's next message without special tokens, whether it ended with a stop token)."""
     import torch
 
     inputs = tokenizer.apply_chat_template(
@@ -72,7 +72,13 @@ def generate_reply(
             **sampling,
         )
     new_tokens = output[0, inputs["input_ids"].shape[1] :]
-    return tokenizer.decode(new_tokens, skip_special_tokens=True).strip()
+    stopped = len(new_tokens) > 0 and int(new_tokens[-1]) in stop
+    return tokenizer.decode(new_tokens, skip_special_tokens=True).strip(), stopped
+
+
+def generate_reply(model, tokenizer, messages: list[dict], **kwargs) -> str:
+    """The assistant's next message for `messages` (role/content dicts); kwargs as generate_turn."""
+    return generate_turn(model, tokenizer, messages, **kwargs)[0]
 
 
 def repl(model, tokenizer, system: str | None, gen_kwargs: dict, stdin=None, stdout=None) -> None:
