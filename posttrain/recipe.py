@@ -44,11 +44,12 @@ def _read_yaml(path: str) -> dict:
     return data
 
 
-def parse_recipe(dataclass_types: Sequence[type], argv: Sequence[str] | None = None):
+def parse_recipe(dataclass_types: Sequence[type], argv: Sequence[str] | None = None, defaults: dict | None = None):
     """Parse `RECIPE.yaml [--key value ...]` (or `--config RECIPE.yaml ...`) into TRL dataclasses.
 
     YAML keys become defaults; command-line flags override them. An unknown key,
-    in the YAML or on the command line, is a PosttrainError naming it.
+    in the YAML or on the command line, is a PosttrainError naming it. `defaults`
+    replace the dataclasses' own defaults (the YAML and the command line still win).
     """
     from trl import TrlParser
 
@@ -56,6 +57,8 @@ def parse_recipe(dataclass_types: Sequence[type], argv: Sequence[str] | None = N
     if argv and not argv[0].startswith("-") and argv[0].endswith((".yaml", ".yml")):
         argv = ["--config", argv[0], *argv[1:]]
     parser = TrlParser(list(dataclass_types))
+    if defaults:
+        parser.set_defaults_with_config(**defaults)
     if "--config" in argv:
         i = argv.index("--config")
         if i + 1 >= len(argv):

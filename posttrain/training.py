@@ -48,9 +48,29 @@ class ScriptArguments(trl.ScriptArguments):
     )
 
 
+def launch_defaults() -> dict:
+    """Recipe defaults that depend on how the script was launched.
+
+    DeepSpeed on processes without a GPU (the CPU tests and demo): with no backend named,
+    Accelerate 1.15 lets DeepSpeed create the process group (gloo, all ranks) but records
+    `num_processes=1, process_index=0` on every rank. The Trainer then writes `train_batch_size =
+    1 x micro-batch x accumulation` into the DeepSpeed config, and the first DeepSpeed engine
+    built from it (the DPO reference model, the `precompute_ref_log_probs` pass, a ZeRO-3
+    `from_pretrained`, the training engine) fails DeepSpeed's check `train_batch_size ==
+    micro-batch x accumulation x world_size`; every rank would also believe it is the main one.
+    Naming the backend (`ddp_backend: gloo`) makes Accelerate count the processes. On GPUs
+    nothing changes (NCCL is found as before).
+    """
+    import torch
+
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true" and not torch.cuda.is_available():
+        return {"ddp_backend": "gloo"}
+    return {}
+
+
 def parse(config_cls: type, argv=None):
     """(script_args, training_args, model_args, dataset_args) from `RECIPE.yaml [--key value ...]`."""
-    return parse_recipe([ScriptArguments, config_cls, trl.ModelConfig, trl.DatasetMixtureConfig], argv)
+    return parse_recipe([ScriptArguments, config_cls, trl.ModelConfig, trl.DatasetMixtureConfig], argv, launch_defaults())
 
 
 def setup(training_args) -> None:
