@@ -114,7 +114,8 @@ def resume_checkpoint(script_args, training_args) -> str | None:
     out = Path(training_args.output_dir)
     value = training_args.resume_from_checkpoint
     value = None if value is None or str(value).lower() in ("", "false", "none") else str(value)
-    earlier = sorted(p for p in out.glob("checkpoint-*") if p.is_dir() and _CHECKPOINT_RE.match(p.name)) if out.is_dir() else []
+    earlier = [p for p in out.glob("checkpoint-*") if p.is_dir() and _CHECKPOINT_RE.match(p.name)] if out.is_dir() else []
+    earlier.sort(key=lambda p: int(p.name.split("-")[1]))
     if value is None:
         if earlier and not script_args.overwrite_output_dir:
             raise PosttrainError(
