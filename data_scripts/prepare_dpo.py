@@ -1,0 +1,38 @@
+#!/usr/bin/env python
+"""Preference data: a hub dataset or local files in its schema -> train.jsonl / test.jsonl of
+{"prompt": [system, user, ...], "chosen": [assistant], "rejected": [assistant]} plus meta.json.
+
+    python data_scripts/prepare_dpo.py --dataset ultrafeedback --output-dir data/dpo_ultrafeedback \\
+        --tokenizer qwen3_tokenizer --max-length 2048
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+try:
+    import posttrain  # noqa: F401
+except ImportError:  # run from a checkout without `pip install -e .`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from posttrain import prep  # noqa: E402
+from posttrain import prep_adapters as a  # noqa: E402
+from posttrain.prep import Source  # noqa: E402
+
+# NAME -> where it lives and which adapter reads its schema (see posttrain/prep_adapters.py).
+SOURCES = {
+    "ultrafeedback": Source(a.chosen_rejected_lists, "argilla/ultrafeedback-binarized-preferences-cleaned"),
+    "hh_rlhf": Source(a.hh_rlhf, "Anthropic/hh-rlhf", test_split="test"),
+    "orca_dpo": Source(a.orca_dpo, "Intel/orca_dpo_pairs"),
+    "capybara": Source(a.chosen_rejected_lists, "argilla/distilabel-capybara-dpo-7k-binarized"),
+    "preference": Source(a.preference_rows, test_split="test"),
+}
+
+
+def main(argv=None) -> None:
+    prep.main(prep.DPO, SOURCES, argv, description=__doc__)
+
+
+if __name__ == "__main__":
+    main()
