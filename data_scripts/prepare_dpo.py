@@ -8,25 +8,16 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-try:
-    import posttrain  # noqa: F401
-except ImportError:  # run from a checkout without `pip install -e .`
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from posttrain import prep  # noqa: E402
-from posttrain import prep_adapters as a  # noqa: E402
-from posttrain.prep import Source  # noqa: E402
+from posttrain import prep
+from posttrain import prep_adapters as a
 
 # NAME -> where it lives and which adapter reads its schema (see posttrain/prep_adapters.py).
 SOURCES = {
-    "ultrafeedback": Source(a.chosen_rejected_lists, "argilla/ultrafeedback-binarized-preferences-cleaned"),
-    "hh_rlhf": Source(a.hh_rlhf, "Anthropic/hh-rlhf", test_split="test"),
-    "orca_dpo": Source(a.orca_dpo, "Intel/orca_dpo_pairs"),
-    "capybara": Source(a.chosen_rejected_lists, "argilla/distilabel-capybara-dpo-7k-binarized"),
-    "preference": Source(a.preference_rows, test_split="test"),
+    "ultrafeedback": prep.Source(a.chosen_rejected_lists, "argilla/ultrafeedback-binarized-preferences-cleaned"),
+    "hh_rlhf": prep.Source(a.hh_rlhf, "Anthropic/hh-rlhf", test_split="test"),
+    "orca_dpo": prep.Source(a.orca_dpo, "Intel/orca_dpo_pairs"),
+    "capybara": prep.Source(a.chosen_rejected_lists, "argilla/distilabel-capybara-dpo-7k-binarized"),
+    "preference": prep.Source(a.preference_rows, test_split="test"),
 }
 
 

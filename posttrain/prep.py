@@ -186,14 +186,14 @@ def clean(dataset, source: Source, kind: Kind, args, dropped: Counter, seen: set
         from datasets import Dataset
 
         dataset = Dataset.from_list(source.regroup(dataset))
-    adapted = dataset.map(
+    adapted = _map(
+        dataset,
         _adapt_batch,
-        batched=True,
-        num_proc=_procs(args, dataset),
+        args,
+        f"Adapting {args.dataset}",
         remove_columns=dataset.column_names,
         features=_features(kind, {"_drop": Value("string"), "_key": Value("string")}),
         fn_kwargs={"adapter": source.adapter, "system_prompt": args.system_prompt, "columns": kind.columns},
-        desc=f"Adapting {args.dataset}",
     )
     keep = []
     for i, (reason, key) in enumerate(zip(adapted["_drop"][:], adapted["_key"][:])):
@@ -207,8 +207,10 @@ def clean(dataset, source: Source, kind: Kind, args, dropped: Counter, seen: set
     return len(dataset), adapted.select(keep).remove_columns(["_drop", "_key"])
 
 
-def _procs(args, dataset) -> int | None:
-    return min(args.num_proc, len(dataset)) if args.num_proc > 1 and len(dataset) > 1 else None
+def _map(dataset, function, args, desc: str, **kwargs):
+    """A batched map over --num-proc worker processes."""
+    num_proc = min(args.num_proc, len(dataset)) if args.num_proc > 1 and len(dataset) > 1 else None
+    return dataset.map(function, batched=True, num_proc=num_proc, desc=desc, **kwargs)
 
 
 # ------------------------------------------------------------------------- tokens
@@ -241,13 +243,7 @@ def _lengths_batch(batch: dict, tokenizer, kind_name: str):
 
 def add_lengths(dataset, tokenizer, kind: Kind, args, dropped: Counter):
     """Length columns; for DPO also drop pairs whose prompt fills --max-length (TRL would drop them silently)."""
-    dataset = dataset.map(
-        _lengths_batch,
-        batched=True,
-        num_proc=_procs(args, dataset),
-        fn_kwargs={"tokenizer": tokenizer, "kind_name": kind.name},
-        desc="Counting tokens",
-    )
+    dataset = _map(dataset, _lengths_batch, args, "Counting tokens", fn_kwargs={"tokenizer": tokenizer, "kind_name": kind.name})
     if "_prompt" in dataset.column_names:  # DPO
         keep = [i for i, n in enumerate(dataset["_prompt"][:]) if n < args.max_length]
         dropped[adapters.PROMPT_TOO_LONG] += len(dataset) - len(keep)
