@@ -306,7 +306,7 @@ def test_production_recipe():
     assert args.bf16 and args.packing and args.padding_free is False and args.packing_strategy == "bfd"
     assert args.assistant_only_loss and args.activation_checkpointing and args.max_length == 2048
     assert args.num_train_epochs == 3 and args.max_steps == -1  # epochs decide the step count
-    assert args.learning_rate == 2e-5 and args.lr_scheduler_kwargs == {"min_lr": 2e-6}
+    assert args.learning_rate == 2e-5 and args.lr_scheduler_kwargs == {"min_lr_rate": 0.1}  # 2e-6; min_lr would crash under DeepSpeed
     assert args.lr_scheduler_type.value == "cosine_with_min_lr" and 0 < args.warmup_steps < 1
     assert (args.weight_decay, args.adam_beta2, args.max_grad_norm) == (0.01, 0.95, 1.0)
     assert args.eval_strategy.value == "steps" and args.save_steps > 0 and args.report_to == ["tensorboard"]
