@@ -11,6 +11,7 @@ the command line, and assertions on the saved models.
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import subprocess
@@ -143,3 +144,101 @@ def test_slurm_rejects_bad_usage(tmp_path):
     assert proc.returncode == 2 and "usage:" in proc.stderr
     proc = subprocess.run(["bash", str(SLURM_SCRIPT), "sft", "x.yaml"], capture_output=True, text=True, env=env)
     assert proc.returncode != 0 and "SLURM_NNODES unset" in proc.stderr
+
+
+# ------------------------------------------------------- real multi-process launches
+
+
+def accelerate_launch(config: str, script: str, recipe: str, *overrides, cwd: Path) -> subprocess.CompletedProcess:
+    """`accelerate launch` with a repo config, overriding only what a CPU needs: 2 processes, no bf16."""
+    cmd = [
+        str(Path(sys.executable).parent / "accelerate"), "launch",
+        "--config_file", str(CONFIGS / config),
+        "--num_processes", "2",
+        "--mixed_precision", "no",
+        str(REPO / script), str(REPO / recipe), *map(str, overrides),
+    ]  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"{' '.join(cmd)}\n--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-6000:]}"
+    return proc
+
+
+def load_weights(model_dir: Path) -> dict:
+    """Every tensor of a saved model, read from its safetensors files as written (no shape fix-ups)."""
+    from safetensors.torch import load_file
+
+    files = sorted(Path(model_dir).glob("*.safetensors"))
+    assert files, f"no safetensors in {model_dir}"
+    weights = {}
+    for f in files:
+        weights.update(load_file(f))
+    return weights
+
+
+def assert_trained_full_model(out: Path, start: Path) -> None:
+    """The output loads, every tensor has its full shape (no empty ZeRO-3 shards), and every one moved."""
+    from transformers import AutoModelForCausalLM
+
+    before, after = load_weights(start), load_weights(out)
+    assert set(after) == set(before)
+    for name, tensor in after.items():
+        assert tensor.shape == before[name].shape, f"{name}: saved {tuple(tensor.shape)}, expected {tuple(before[name].shape)}"
+        assert not tensor.float().equal(before[name].float()), f"{name} was not trained (or not gathered on save)"
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert sum(p.numel() for p in model.parameters()) == sum(t.numel() for t in before.values())
+
+
+def assert_zero_checkpoint(out: Path, stage: int) -> None:
+    """The DeepSpeed files of the run's checkpoint show the ZeRO stage and two ranks, each with its shard."""
+    (step_dir,) = out.glob("checkpoint-*/global_step*")
+    files = {p.name for p in step_dir.iterdir()}
+    for rank in (0, 1):  # each rank's optimizer-state shard (ZeRO-2 and -3)
+        assert {f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt", f"bf16_zero_pp_rank_{rank}_mp_rank_00_optim_states.pt"} & files, files
+    param_shards = {f"zero_pp_rank_{rank}_mp_rank_00_model_states.pt" for rank in (0, 1)}
+    if stage == 3:  # ... and its parameter shard
+        assert param_shards <= files, files
+    else:  # one replicated copy of the parameters
+        assert "mp_rank_00_model_states.pt" in files and not param_shards & files, files
+
+
+SFT_OVERRIDES = (
+    "--max_steps", "4", "--num_train_epochs", "1", "--logging_steps", "1",
+    "--eval_strategy", "no", "--save_strategy", "steps", "--save_steps", "4", "--report_to", "none",
+)  # fmt: skip
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config, stage", [("zero2.yaml", 2), ("zero3.yaml", 3)])
+def test_sft_under_deepspeed(tmp_path, tiny_model_dir, sft_data_dir, config, stage):
+    out = tmp_path / "sft"
+    accelerate_launch(
+        config, "posttrain/sft.py", "recipes/demo/sft.yaml", "--model_name_or_path", tiny_model_dir,
+        "--dataset_name", sft_data_dir, "--output_dir", out, *SFT_OVERRIDES, cwd=tmp_path,
+    )  # fmt: skip
+    assert_trained_full_model(out, tiny_model_dir)
+    assert_zero_checkpoint(out, stage)
+    state = json.loads((out / "trainer_state.json").read_text())
+    assert state["global_step"] == 4
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config, stage", [("zero2.yaml", 2), ("zero3.yaml", 3)])
+def test_dpo_with_live_reference_under_deepspeed(tmp_path, tiny_model_dir, preference_data_dir, config, stage):
+    """DPO with a reference model loaded and prepared next to the policy (sharded too under ZeRO-3)."""
+    out = tmp_path / "dpo"
+    accelerate_launch(
+        config, "posttrain/dpo.py", "recipes/demo/dpo.yaml", "--model_name_or_path", tiny_model_dir,
+        "--dataset_name", preference_data_dir, "--output_dir", out, "--precompute_ref_log_probs", "false",
+        "--max_steps", "3", "--num_train_epochs", "1", "--logging_steps", "1", "--eval_strategy", "no",
+        "--save_strategy", "steps", "--save_steps", "3", "--report_to", "none", cwd=tmp_path,
+    )  # fmt: skip
+    assert_trained_full_model(out, tiny_model_dir)
+    assert_zero_checkpoint(out, stage)
+    logs = [e for e in json.loads((out / "trainer_state.json").read_text())["log_history"] if "rewards/margins" in e]
+    assert [e["step"] for e in logs] == [1, 2, 3]
+    # Step 1: policy == reference, so every implicit reward is 0. Later the policy has moved away
+    # from the reference it is measured against: the reference is a separate, frozen model.
+    assert logs[0]["rewards/chosen"] == pytest.approx(0, abs=1e-6)
+    assert logs[0]["rewards/rejected"] == pytest.approx(0, abs=1e-6)
+    assert abs(logs[-1]["rewards/chosen"]) > 1e-4 and logs[-1]["rewards/margins"] != 0
