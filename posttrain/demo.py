@@ -1,0 +1,267 @@
+"""The whole pipeline on the embedded tiny model, offline, on a CPU: `make demo`.
+
+    python -m posttrain.demo [--work-dir demo_runs]
+
+Each stage runs the real command-line tool, as a user would, in a subprocess
+(its progress bars pass straight through): a checkpoint in the pre-training
+source format -> `convert-checkpoint --verify` -> `data_scripts/prepare_*.py`
+-> `posttrain/sft.py` -> `posttrain/dpo.py`. Then the base, SFT and DPO models
+answer the same prompts side by side, and the SFT loss and DPO loss /
+reward-accuracy curves (from each run's trainer_state.json) go into a PNG.
+A stage that fails stops the demo with its exit code and command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+from posttrain import fixtures
+from posttrain.errors import PosttrainError, run_cli
+
+REPO = Path(__file__).resolve().parents[1]
+MARKER = ".posttrain-demo"  # only a directory the demo made is ever wiped
+MODELS = ("base", "sft", "dpo")
+MAX_NEW_TOKENS = 24
+
+# Held-out rows (paraphrased prompts) for the eval splits: data_scripts drops test rows that
+# duplicate train rows, and every demo conversation is needed for training.
+HELDOUT_QA = [
+    ("Which city is the capital of France?", "Paris is the capital of France.", "The capital is Rome."),
+    ("What colour is the sky?", "The sky is blue.", "The sky is green."),
+]
+
+
+# ------------------------------------------------------------------ helpers (tested)
+
+
+def side_by_side(prompts: list[str], replies: dict[str, list[str]], width: int = 120) -> str:
+    """One block per prompt: the prompt, then each model's reply in its own column, wrapped."""
+    names = list(replies)
+    gap = " | "
+    col = max(12, (width - len(gap) * (len(names) - 1)) // len(names))
+    lines = []
+    for i, prompt in enumerate(prompts):
+        lines.append(f"Q{i + 1}: {prompt}")
+        cells = [textwrap.wrap(" ".join(replies[n][i].split()) or "(empty)", col) for n in names]
+        header = [n.upper().ljust(col) for n in names]
+        lines.append(gap.join(header).rstrip())
+        lines.append(gap.join("-" * col for _ in names))
+        for row in range(max(map(len, cells))):
+            lines.append(gap.join((c[row] if row < len(c) else "").ljust(col) for c in cells).rstrip())
+        lines.append("")
+    return "\n".join(lines)
+
+
+def log_series(log_history: list[dict], key: str) -> tuple[list[int], list[float]]:
+    """(steps, values) of one logged metric in a trainer_state.json log history."""
+    points = [(entry["step"], float(entry[key])) for entry in log_history if key in entry]
+    return [s for s, _ in points], [v for _, v in points]
+
+
+# (panel title, [(metric key, legend label), ...]) for each stage's log history.
+PANELS = {
+    "sft": [("SFT loss", [("loss", "train"), ("eval_loss", "eval")])],
+    "dpo": [
+        ("DPO loss", [("loss", "train"), ("eval_loss", "eval")]),
+        ("DPO reward accuracy", [("rewards/accuracies", "train"), ("eval_rewards/accuracies", "eval")]),
+    ],
+}
+
+
+def curves(histories: dict[str, list[dict]]) -> dict[str, dict[str, tuple[list[int], list[float]]]]:
+    """{panel title: {label: (steps, values)}} for the metrics each history has."""
+    out = {}
+    for stage, panels in PANELS.items():
+        for title, metrics in panels:
+            series = {label: log_series(histories.get(stage, []), key) for key, label in metrics}
+            out[title] = {label: s for label, s in series.items() if s[0]}
+    return out
+
+
+def save_plot(panels: dict[str, dict[str, tuple[list, list]]], path: str | Path) -> Path:
+    """One subplot per panel, written as a PNG (matplotlib's Agg backend: no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.8), squeeze=False)
+    for ax, (title, series) in zip(axes[0], panels.items()):
+        for label, (steps, values) in series.items():
+            ax.plot(steps, values, marker="o" if label == "eval" or len(steps) < 12 else None, ms=3, label=label)
+        ax.set_title(title)
+        ax.set_xlabel("optimizer step")
+        ax.grid(alpha=0.3)
+        if series:
+            ax.legend()
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def read_log_history(run_dir: Path) -> list[dict]:
+    path = run_dir / "trainer_state.json"
+    if not path.is_file():
+        raise PosttrainError(f"{path} not found: the training stage did not save its state")
+    return json.loads(path.read_text(encoding="utf-8"))["log_history"]
+
+
+# ---------------------------------------------------------------------------- stages
+
+
+class Demo:
+    def __init__(self, work: Path, total_stages: int = 7):
+        self.work, self.total, self.n, self.t0 = work, total_stages, 0, time.monotonic()
+
+    def stage(self, title: str) -> None:
+        self.n += 1
+        print(f"\n=== [{self.n}/{self.total}] {title}  (t = {time.monotonic() - self.t0:.0f} s)", flush=True)
+
+    def run(self, name: str, cmd: list[str]) -> None:
+        """Run one stage's CLI from the repository root; its output streams through."""
+        print("$ " + shlex.join(str(c) for c in cmd), flush=True)
+        rc = subprocess.run([str(c) for c in cmd], cwd=REPO).returncode
+        if rc != 0:
+            raise PosttrainError(f"demo stage '{name}' failed with exit code {rc} (its output is above): {shlex.join(map(str, cmd))}")
+
+
+def prepare_work_dir(work: Path) -> Path:
+    """An empty work dir: new, or one an earlier demo made (then wiped); anything else is refused."""
+    if work.exists() and any(work.iterdir()):
+        if not (work / MARKER).is_file():
+            raise PosttrainError(f"--work-dir {work} is not empty and was not made by the demo; choose another")
+        shutil.rmtree(work)
+    work.mkdir(parents=True, exist_ok=True)
+    (work / MARKER).write_text("made by python -m posttrain.demo; wiped on its next run\n")
+    return work.resolve()
+
+
+def convert_cli() -> list[str]:
+    """`convert-checkpoint` as installed next to this Python (the user's command), else the module."""
+    exe = Path(sys.executable).parent / "convert-checkpoint"
+    return [str(exe)] if exe.is_file() else [sys.executable, "-m", "posttrain.convert"]
+
+
+def write_raw_data(work: Path) -> tuple[Path, Path]:
+    """The bundled demo rows as local datasets (train + held-out test file), as a user's own files would be."""
+    sft_dir, pref_dir = work / "raw" / "sft", work / "raw" / "preference"
+    system = [{"role": "system", "content": fixtures.SYSTEM_PROMPT}]
+    fixtures.write_jsonl(sft_dir / "train.jsonl", fixtures.sft_rows())
+    fixtures.write_jsonl(
+        sft_dir / "test.jsonl",
+        [{"messages": system + [{"role": "user", "content": q}, {"role": "assistant", "content": a}]} for q, a, _ in HELDOUT_QA],
+    )
+    fixtures.write_jsonl(pref_dir / "train.jsonl", fixtures.preference_rows())
+    fixtures.write_jsonl(
+        pref_dir / "test.jsonl",
+        [
+            {
+                "prompt": system + [{"role": "user", "content": q}],
+                "chosen": [{"role": "assistant", "content": a}],
+                "rejected": [{"role": "assistant", "content": r}],
+            }
+            for q, a, r in HELDOUT_QA
+        ],
+    )
+    return sft_dir, pref_dir
+
+
+def compare_replies(model_dirs: dict[str, Path]) -> tuple[list[str], dict[str, list[str]], dict[str, int], dict[str, int]]:
+    """Greedy replies of each model to the demo prompts (with the training system prompt)."""
+    from posttrain.chat import generate_turn, load_model
+
+    prompts = [q for q, _ in fixtures.QA_PAIRS]
+    replies, stopped, correct = {}, {}, {}
+    for name, path in model_dirs.items():
+        model, tokenizer = load_model(path, device="cpu", dtype="float32")
+        turns = [
+            generate_turn(
+                model,
+                tokenizer,
+                [{"role": "system", "content": fixtures.SYSTEM_PROMPT}, {"role": "user", "content": q}],
+                max_new_tokens=MAX_NEW_TOKENS,
+                do_sample=False,
+            )
+            for q in prompts
+        ]
+        replies[name] = [text for text, _ in turns]
+        stopped[name] = sum(stop for _, stop in turns)
+        correct[name] = sum(text == a for (text, _), (_, a) in zip(turns, fixtures.QA_PAIRS))
+    return prompts, replies, stopped, correct
+
+
+def run_demo(work: Path) -> None:
+    demo = Demo(prepare_work_dir(work))
+    w = demo.work
+    py = sys.executable
+
+    demo.stage("Write a tiny checkpoint in the pre-training source format (ckpt_NNNNNN.pt) and its tokenizer")
+    tokenizer_dir = fixtures.save_tokenizer(w / "tokenizer")
+    ckpt = fixtures.write_source_checkpoint(w / "checkpoint" / "ckpt_000100.pt", iter_num=100)
+    print(f"{ckpt} ({ckpt.stat().st_size / 1e6:.1f} MB, model + optimizer state); tokenizer in {tokenizer_dir}")
+
+    demo.stage("Convert it to a Hugging Face model and verify the logits against the original architecture")
+    converted = w / "converted"
+    demo.run("convert", [*convert_cli(), ckpt, "--tokenizer", tokenizer_dir, "--output-dir", converted, "--verify"])
+    verification = json.loads((converted / "conversion.json").read_text())["verification"]
+
+    demo.stage("Prepare the bundled SFT and preference data with data_scripts")
+    raw_sft, raw_pref = write_raw_data(w)
+    # --val-split 0.5 caps the test rows at half the train rows; each held-out file has 2.
+    common = ["--tokenizer", converted, "--max-length", "128", "--seed", "0", "--val-split", "0.5"]
+    demo.run("prepare SFT data", [py, REPO / "data_scripts/prepare_sft.py", "--dataset", "messages",
+                                  "--data-files", raw_sft, "--output-dir", w / "sft_data", *common])
+    demo.run("prepare DPO data", [py, REPO / "data_scripts/prepare_dpo.py", "--dataset", "preference",
+                                  "--data-files", raw_pref, "--output-dir", w / "dpo_data", *common])
+
+    demo.stage("SFT (recipes/demo/sft.yaml)")
+    demo.run("SFT", [py, REPO / "posttrain/sft.py", REPO / "recipes/demo/sft.yaml", "--model_name_or_path", converted,
+                     "--dataset_name", w / "sft_data", "--output_dir", w / "sft"])
+
+    demo.stage("DPO from the SFT model (recipes/demo/dpo.yaml)")
+    demo.run("DPO", [py, REPO / "posttrain/dpo.py", REPO / "recipes/demo/dpo.yaml", "--model_name_or_path", w / "sft",
+                     "--dataset_name", w / "dpo_data", "--output_dir", w / "dpo"])
+
+    demo.stage("Base, SFT and DPO answer the same prompts (greedy)")
+    prompts, replies, stopped, correct = compare_replies({"base": converted, "sft": w / "sft", "dpo": w / "dpo"})
+    print(side_by_side(prompts, replies, width=min(shutil.get_terminal_size((120, 24)).columns, 150)))
+    for name in MODELS:
+        print(f"{name:>4}: {correct[name]}/{len(prompts)} replies are the trained answer; "
+              f"{stopped[name]}/{len(prompts)} ended on <|im_end|> within {MAX_NEW_TOKENS} tokens")
+
+    demo.stage("Plot the training curves")
+    histories = {stage: read_log_history(w / stage) for stage in ("sft", "dpo")}
+    plot = save_plot(curves(histories), w / "training_curves.png")
+    dpo_acc = log_series(histories["dpo"], "rewards/accuracies")[1]
+    print(f"conversion check: max |logit diff| {verification['max_abs_logit_diff']:.2e} "
+          f"({'passed' if verification['passed'] else 'FAILED'})")
+    print(f"SFT final train loss {log_series(histories['sft'], 'loss')[1][-1]:.3f}; "
+          f"DPO final reward accuracy {dpo_acc[-1]:.2f}" if dpo_acc else "")
+    print(f"models in {w}: converted/, sft/, dpo/  (try: python -m posttrain.chat {w / 'dpo'})")
+    print(f"done in {time.monotonic() - demo.t0:.0f} s")
+    print(f"plot: {plot}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m posttrain.demo", description=__doc__.split("\n\n")[0])
+    p.add_argument("--work-dir", default="demo_runs", help="where every stage writes (wiped on the next demo run)")
+    args = p.parse_args(argv)
+    for key in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):  # nothing is downloaded, ever
+        os.environ.setdefault(key, "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    run_cli(lambda: run_demo(Path(args.work_dir)))
+
+
+if __name__ == "__main__":
+    main()

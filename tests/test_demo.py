@@ -1,0 +1,97 @@
+"""The demo's own helpers on synthetic inputs (the full demo is `make demo`, minutes long)."""
+
+from __future__ import annotations
+
+import pytest
+
+from posttrain import demo
+from posttrain.errors import PosttrainError
+
+SFT_HISTORY = [
+    {"step": 10, "loss": 4.0, "epoch": 1.0},
+    {"step": 20, "loss": 2.0, "epoch": 2.0},
+    {"step": 20, "eval_loss": 2.5, "epoch": 2.0},
+    {"step": 30, "loss": 1.0, "epoch": 3.0},
+    {"step": 30, "train_runtime": 3.0, "train_loss": 2.3},
+]
+DPO_HISTORY = [
+    {"step": 1, "loss": 0.69, "rewards/accuracies": 0.5, "rewards/margins": 0.0},
+    {"step": 2, "loss": 0.40, "rewards/accuracies": 1.0, "rewards/margins": 0.9},
+    {"step": 2, "eval_loss": 0.5, "eval_rewards/accuracies": 0.75},
+]
+
+
+def test_log_series_picks_one_metric_in_step_order():
+    assert demo.log_series(SFT_HISTORY, "loss") == ([10, 20, 30], [4.0, 2.0, 1.0])
+    assert demo.log_series(SFT_HISTORY, "eval_loss") == ([20], [2.5])
+    assert demo.log_series(SFT_HISTORY, "rewards/accuracies") == ([], [])
+
+
+def test_curves_and_plot(tmp_path):
+    panels = demo.curves({"sft": SFT_HISTORY, "dpo": DPO_HISTORY})
+    assert list(panels) == ["SFT loss", "DPO loss", "DPO reward accuracy"]
+    assert panels["SFT loss"] == {"train": ([10, 20, 30], [4.0, 2.0, 1.0]), "eval": ([20], [2.5])}
+    assert panels["DPO loss"] == {"train": ([1, 2], [0.69, 0.40]), "eval": ([2], [0.5])}
+    assert panels["DPO reward accuracy"] == {"train": ([1, 2], [0.5, 1.0]), "eval": ([2], [0.75])}
+
+    path = demo.save_plot(panels, tmp_path / "curves.png")
+    from PIL import Image
+
+    with Image.open(path) as image:
+        assert image.format == "PNG"
+        assert image.size == (1500, 380)  # three 5 x 3.8 inch panels at 100 dpi
+
+
+def test_curves_without_eval_logs_drop_the_eval_series():
+    panels = demo.curves({"sft": SFT_HISTORY[:2], "dpo": DPO_HISTORY[:2]})
+    assert panels["SFT loss"] == {"train": ([10, 20], [4.0, 2.0])}
+    assert "eval" not in panels["DPO reward accuracy"]
+
+
+def test_side_by_side_columns():
+    long = "word " * 40
+    text = demo.side_by_side(
+        ["What is two plus two?", "Where does the sun rise?"],
+        {"base": ["gibberish\nwith a newline", long], "sft": ["Two plus two is four.", "The sun rises in the east."],
+         "dpo": ["", "The sun rises in the east."]},
+        width=80,
+    )
+    lines = text.splitlines()
+    assert lines[0] == "Q1: What is two plus two?"
+    assert lines[1].split() == ["BASE", "|", "SFT", "|", "DPO"]
+    assert all(len(line) <= 80 for line in lines)
+    # Each column starts at the same offset; replies are wrapped inside their own column.
+    col = (80 - 2 * 3) // 3
+    first_row = lines[3]
+    assert first_row[:col].strip() == "gibberish with a newline"
+    assert first_row[col + 3 : 2 * col + 3].strip() == "Two plus two is four."
+    assert first_row[2 * col + 6 :].strip() == "(empty)"
+    q2 = lines.index("Q2: Where does the sun rise?")
+    body = lines[q2 + 3 :]
+    assert sum(line[:col].count("word") for line in body) == 40  # nothing lost to wrapping
+
+
+def test_work_dir_is_refused_unless_the_demo_made_it(tmp_path):
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "precious.txt").write_text("keep me")
+    with pytest.raises(PosttrainError, match="not made by the demo"):
+        demo.prepare_work_dir(foreign)
+    assert (foreign / "precious.txt").read_text() == "keep me"
+
+    work = demo.prepare_work_dir(tmp_path / "runs")
+    (work / "sft").mkdir()
+    again = demo.prepare_work_dir(tmp_path / "runs")  # a second demo run starts clean
+    assert again == work and sorted(p.name for p in work.iterdir()) == [demo.MARKER]
+
+
+def test_raw_data_is_in_the_form_data_scripts_reads(tmp_path):
+    from posttrain.data import load_source, validate_preference_rows, validate_sft_rows
+
+    sft_dir, pref_dir = demo.write_raw_data(tmp_path)
+    for directory, validate in ((sft_dir, validate_sft_rows), (pref_dir, validate_preference_rows)):
+        for split in ("train", "test"):
+            validate(load_source(str(directory / f"{split}.jsonl"), split="train"), f"{directory.name} {split}")
+    # Held-out prompts are not training prompts (data_scripts would drop duplicates across splits).
+    train_prompts = {q for q, _ in demo.fixtures.QA_PAIRS}
+    assert not train_prompts & {q for q, _, _ in demo.HELDOUT_QA}
