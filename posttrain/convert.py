@@ -157,7 +157,8 @@ def load_checkpoint(path: Path) -> dict:
         ) from None
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as err:
         raise PosttrainError(
-            f"checkpoint {path} cannot be read (truncated or not a torch.save zip file): {str(err).splitlines()[0]}"
+            f"checkpoint {path} cannot be read (truncated or not a torch.save zip file): "
+            + str(err).splitlines()[0].split(". ")[0]
         ) from None
     if not isinstance(ckpt, dict):
         raise PosttrainError(f"checkpoint {path} holds a {type(ckpt).__name__}, not the expected dict")
@@ -271,14 +272,14 @@ def write_shards(out: Path, weights: dict, table: list, dtype: torch.dtype) -> i
     """Write the table as safetensors shards, one shard in memory at a time; return the shard count."""
     itemsize = torch.empty((), dtype=dtype).element_size()
     shards, size = [[]], 0
-    for row in table:
-        src, rows = weights[row[1]], row[2]
-        n = (src.numel() // src.shape[0]) * (rows.stop - rows.start if rows else src.shape[0]) * itemsize
-        if shards[-1] and size + n > MAX_SHARD_BYTES:
+    for target, source, rows in table:
+        src = weights[source]
+        n_bytes = src[rows.start : rows.stop].numel() * itemsize if rows else src.numel() * itemsize
+        if shards[-1] and size + n_bytes > MAX_SHARD_BYTES:
             shards.append([])
             size = 0
-        shards[-1].append(row)
-        size += n
+        shards[-1].append((target, source, rows))
+        size += n_bytes
     names = (
         ["model.safetensors"]
         if len(shards) == 1
@@ -297,32 +298,35 @@ def write_shards(out: Path, weights: dict, table: list, dtype: torch.dtype) -> i
     return len(names)
 
 
-def verify_logits(model_dir: Path, weights: dict, a: dict, dtype: torch.dtype) -> dict:
-    """Max |logit difference| between the reference forward of the original architecture
-    and the converted model on a fixed token sequence, both computed in fp32.
+def reference_for_verify(weights: dict, a: dict, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """A fixed token sequence and the original architecture's fp32 logits for it.
 
-    The reference first rounds the source weights to the output dtype, so both sides use
-    bit-identical weights and differ only in summation order (~1e-6). That makes 1e-4 the
-    tolerance for bf16 output too: a bf16-arithmetic tolerance (~1e-2) would hide small
-    mapping errors, while the missing RoPE permutation moves logits by ~1e-1 or more.
+    The reference first rounds the source weights to the output dtype, so it and the
+    converted model use bit-identical weights and differ only in summation order
+    (~1e-6). That makes the fp32 tolerance, 1e-4, right for bf16 output too: a
+    bf16-arithmetic tolerance (~5e-2) would hide small mapping errors, while the
+    missing RoPE permutation moves the tiny models' logits by ~0.5.
     """
-    from transformers import AutoModelForCausalLM
-
     from posttrain.source_model import reference_logits
 
     n = min(VERIFY_TOKENS, a["block_size"])
     tokens = torch.randint(0, a["vocab_size"], (1, n), generator=torch.Generator().manual_seed(0))
-    expected = reference_logits(weights, a, tokens, weight_dtype=dtype)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="eager")
+    return tokens, reference_logits(weights, a, tokens, weight_dtype=dtype)
+
+
+def verify_logits(model_dir: Path, tokens: torch.Tensor, expected: torch.Tensor, dtype: str) -> dict:
+    """Max |logit difference| between the converted model (loaded in fp32) and the reference."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     with torch.no_grad():
-        got = model(tokens).logits
-    diff = (got - expected).abs().max().item()
+        diff = (model(tokens).logits - expected).abs().max().item()
     return {
         "max_abs_logit_diff": diff,
         "tolerance": FP32_TOLERANCE,
-        "tokens": n,
+        "tokens": tokens.shape[1],
         "compute_dtype": "float32",
-        "weights_dtype": str(dtype).removeprefix("torch."),
+        "weights_dtype": dtype,
         "passed": diff <= FP32_TOLERANCE,
     }
 
@@ -359,8 +363,10 @@ def convert_checkpoint(
         "tokenizer": str(tokenizer_dir.resolve()),
         "verification": None,
     }
+    reference = reference_for_verify(weights, a, DTYPES[dtype]) if verify else None
     with atomic_output_dir(output_dir, overwrite=overwrite) as tmp:
         report["shards"] = write_shards(tmp, weights, table, DTYPES[dtype])
+        del ckpt, weights  # unmap the source before verify loads an fp32 copy of the model
         config = llama_config(a, tokenizer, dtype)
         config.save_pretrained(tmp)
         from transformers import GenerationConfig
@@ -369,8 +375,8 @@ def convert_checkpoint(
             bos_token_id=None, eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id
         ).save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        if verify:
-            result = verify_logits(tmp, weights, a, DTYPES[dtype])
+        if reference is not None:
+            result = verify_logits(tmp, *reference, dtype)
             report["verification"] = result
             print(
                 f"verify: max |logit diff| = {result['max_abs_logit_diff']:.3e} over {result['tokens']} tokens "

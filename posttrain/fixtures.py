@@ -76,6 +76,16 @@ def preference_rows(system_prompt: str | None = SYSTEM_PROMPT) -> list[dict]:
     ]
 
 
+def alpaca_lengths(n: int = 52002, seed: int = 0) -> list[int]:
+    """Token counts shaped like Alpaca in ChatML, for the packing benchmarks: mean ~110, median
+    ~90, a long tail clipped at 1,120 (52,002 of them: ~5.7M tokens, as in PRIOR_SYSTEM.md).
+    A floor of 40 (system prompt and scaffolding) plus a log-normal body."""
+    sigma = 0.8
+    gen = torch.Generator().manual_seed(seed)
+    body = torch.empty(n).log_normal_(mean=math.log(70.0) - sigma**2 / 2, std=sigma, generator=gen)
+    return (40 + body).round().clamp(max=1120).long().tolist()
+
+
 def write_jsonl(path: str | Path, rows: list[dict]) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -230,14 +240,19 @@ def source_state_dict(model_args: dict, seed: int = 0, dtype=torch.bfloat16, std
     return sd
 
 
-def fake_optimizer_state(state_dict: dict) -> dict:
-    """An AdamW-shaped optimizer state (fp32 moments): the bulk of a real checkpoint."""
+def fake_optimizer_state(state_dict: dict, moment=None) -> dict:
+    """An AdamW-shaped optimizer state: the bulk of a real checkpoint.
+
+    `moment(shape)` makes each moment tensor (default: fp32 zeros); the full-size
+    benchmark passes uninitialised bf16 tensors, which cost no RAM until written.
+    """
+    moment = moment or (lambda shape: torch.zeros(shape, dtype=torch.float32))
     params = [k for k in state_dict if not k.endswith(("cos_cached", "sin_cached", "attn.bias"))]
     state = {
         i: {
             "step": torch.tensor(160000.0),
-            "exp_avg": torch.zeros(state_dict[k].shape, dtype=torch.float32),
-            "exp_avg_sq": torch.zeros(state_dict[k].shape, dtype=torch.float32),
+            "exp_avg": moment(state_dict[k].shape),
+            "exp_avg_sq": moment(state_dict[k].shape),
         }
         for i, k in enumerate(params)
     }
@@ -252,13 +267,14 @@ def write_source_checkpoint(
     prefix: str = "_orig_mod.",
     iter_num: int = 160000,
     with_optimizer: bool = True,
+    optimizer_moment=None,
 ) -> Path:
     """Write a random checkpoint exactly as the pre-training system saves one."""
     model_args = dict(model_args or tiny_model_args())
     sd = source_state_dict(model_args, seed=seed)
     ckpt = {
         "model": {prefix + k: v for k, v in sd.items()},
-        "optimizer": fake_optimizer_state(sd) if with_optimizer else {},
+        "optimizer": fake_optimizer_state(sd, optimizer_moment) if with_optimizer else {},
         "model_args": model_args,
         "iter_num": iter_num,
         "best_val_loss": torch.tensor(2.345),

@@ -57,7 +57,8 @@ def reference_logits(
         t = weights[key]
         return (t.to(weight_dtype) if weight_dtype is not None else t).float()
 
-    x = F.embedding(tokens, w("token_embeddings.weight"))
+    x = F.embedding(tokens, weights["token_embeddings.weight"])  # gather first: no fp32 copy of the table
+    x = (x.to(weight_dtype) if weight_dtype is not None else x).float()
     B, T, _ = x.shape
     causal = torch.ones(T, T, dtype=torch.bool).tril()
     for i in range(a["n_layer"]):

@@ -1,0 +1,287 @@
+"""convert-checkpoint: logit parity with the original architecture, a loadable and
+chatty Hugging Face directory, and one-line refusals of every bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from posttrain import convert, fixtures
+from posttrain.chat_template import ENDOFTEXT, IM_END
+from posttrain.errors import PosttrainError
+from posttrain.source_model import reference_logits
+
+# The real run's traps at small scale: MHA with d_ff not a multiple of 64 (the real 5461),
+# eps 1e-5, bf16, `_orig_mod.`; GQA under DDP's `module.`; a tied head with mask buffers.
+LAYOUTS = {
+    "mha": (fixtures.tiny_model_args(d_ff=250, norm_eps=1e-5), "_orig_mod."),
+    "gqa": (fixtures.tiny_model_args(num_key_value_heads=2, rope_theta=1e6), "module._orig_mod."),
+    "tied": (fixtures.tiny_model_args(weight_tying=True, attention_backend="manual"), "_orig_mod."),
+}
+BF16_ARITHMETIC_TOL = 5e-2  # bf16 matmuls on logits of std ~0.5: observed ~2e-2
+# The missing RoPE permutation moves these logits by 0.4-0.6, far above both tolerances.
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    d = tmp_path_factory.mktemp("layouts")
+    return {
+        name: fixtures.write_source_checkpoint(d / f"{name}.pt", args, prefix=prefix, seed=i)
+        for i, (name, (args, prefix)) in enumerate(LAYOUTS.items())
+    }
+
+
+def source_of(path):
+    ckpt = convert.load_checkpoint(Path(path))
+    a = convert.check_model_args(ckpt["model_args"], path)
+    return convert.source_weights(ckpt["model"], a, path), a
+
+
+def tokens_for(a):
+    return torch.randint(0, a["vocab_size"], (2, 40), generator=torch.Generator().manual_seed(7))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_logit_parity_with_the_original_architecture(checkpoints, tokenizer_dir, tmp_path, monkeypatch, layout, dtype):
+    if layout == "gqa":  # also exercise the sharded write and its index, as at full size
+        monkeypatch.setattr(convert, "MAX_SHARD_BYTES", 100_000)
+    report = convert.convert_checkpoint(checkpoints[layout], tokenizer_dir, tmp_path / "m", dtype=dtype)
+    assert (report["shards"] > 1) == (layout == "gqa")
+    weights, a = source_of(checkpoints[layout])
+    tokens = tokens_for(a)
+    expected = reference_logits(weights, a, tokens, weight_dtype=convert.DTYPES[dtype])
+
+    exact = AutoModelForCausalLM.from_pretrained(tmp_path / "m", dtype=torch.float32)
+    with torch.no_grad():
+        assert (exact(tokens).logits - expected).abs().max().item() < convert.FP32_TOLERANCE
+
+    as_saved = AutoModelForCausalLM.from_pretrained(tmp_path / "m")
+    assert as_saved.dtype == convert.DTYPES[dtype]
+    assert as_saved.config.tie_word_embeddings == a["weight_tying"]
+    with torch.no_grad():
+        diff = (as_saved(tokens).logits.float() - expected).abs().max().item()
+    assert diff < (convert.FP32_TOLERANCE if dtype == "float32" else BF16_ARITHMETIC_TOL)
+    assert report["model_args"] == LAYOUTS[layout][0] and report["iter_num"] == 160000
+
+
+@pytest.mark.parametrize("layout", ["mha", "gqa"])
+def test_verify_catches_a_missing_rope_permutation(checkpoints, tokenizer_dir, tmp_path, monkeypatch, capsys, layout):
+    """Parity is a meaningful check: without the q/k row permutation nothing errors,
+    the logits are just wrong, and --verify refuses to leave an output."""
+    monkeypatch.setattr(convert, "interleaved_to_rotate_half", lambda w, n_heads: w)
+    with pytest.raises(PosttrainError, match="verification failed"):
+        convert.convert_checkpoint(checkpoints[layout], tokenizer_dir, tmp_path / "m", verify=True)
+    diff = float(capsys.readouterr().out.split("= ")[1].split()[0])
+    assert diff > 4 * BF16_ARITHMETIC_TOL  # caught even by the loose bf16-arithmetic tolerance
+    assert not (tmp_path / "m").exists() and os.listdir(tmp_path) == []
+
+
+def cli(*args, cwd=None):
+    exe = Path(sys.executable).with_name("convert-checkpoint")
+    return subprocess.run([str(exe), *map(str, args)], capture_output=True, text=True, cwd=cwd)
+
+
+def test_cli_converts_verifies_and_the_result_chats(checkpoints, tokenizer_dir, tmp_path):
+    out = tmp_path / "model"
+    out.mkdir()
+    (out / "stale.txt").write_text("old")
+    refused = cli(checkpoints["mha"], "--tokenizer", tokenizer_dir, "--output-dir", out)
+    assert refused.returncode == 2 and "--overwrite" in refused.stderr
+    assert os.listdir(out) == ["stale.txt"]
+
+    run = cli(checkpoints["mha"], "--tokenizer", tokenizer_dir, "--output-dir", out, "--verify", "--overwrite")
+    assert run.returncode == 0, run.stderr
+    verify_line = next(ln for ln in run.stdout.splitlines() if ln.startswith("verify: max |logit diff| = "))
+    assert float(verify_line.split("= ")[1].split()[0]) < 1e-4 and verify_line.endswith("OK")
+    assert not (out / "stale.txt").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["model"]  # no temporary sibling left
+
+    report = json.loads((out / "conversion.json").read_text())
+    assert report["source"] == str(checkpoints["mha"].resolve()) and report["iter_num"] == 160000
+    assert report["model_args"]["d_ff"] == 250 and report["verification"]["passed"] is True
+
+    tok = AutoTokenizer.from_pretrained(out)
+    model = AutoModelForCausalLM.from_pretrained(out)
+    gen = json.loads((out / "generation_config.json").read_text())
+    stops = [tok.convert_tokens_to_ids(IM_END), tok.convert_tokens_to_ids(ENDOFTEXT)]
+    assert gen["eos_token_id"] == stops and gen["pad_token_id"] == stops[1] and gen.get("bos_token_id") is None
+    assert tok.eos_token == IM_END and tok.pad_token == ENDOFTEXT and tok.bos_token is None
+    assert type(model).__name__ == "LlamaForCausalLM" and model.dtype == torch.bfloat16
+    prompt = tok.apply_chat_template(
+        [{"role": "user", "content": "What do bees make?"}], add_generation_prompt=True, return_dict=True,
+        return_tensors="pt",
+    )
+    assert prompt["input_ids"][0, 0].item() == tok.convert_tokens_to_ids("<|im_start|>")  # no BOS
+    reply = model.generate(**prompt, max_new_tokens=8, do_sample=False)
+    assert reply.shape[1] > prompt["input_ids"].shape[1]
+
+
+CONVERSATION = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "What is the capital of France?"},
+    {"role": "assistant", "content": "Paris is the capital of France."},
+    {"role": "user", "content": "What is two plus two?"},
+    {"role": "assistant", "content": "Two plus two is four."},
+]
+
+
+def test_chat_template_renders_exact_chatml(tiny_model_dir):
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    assert tok.apply_chat_template(CONVERSATION, tokenize=False) == (
+        "<|im_start|>system\nBe brief.<|im_end|>\n"
+        "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n"
+        "<|im_start|>assistant\nParis is the capital of France.<|im_end|>\n"
+        "<|im_start|>user\nWhat is two plus two?<|im_end|>\n"
+        "<|im_start|>assistant\nTwo plus two is four.<|im_end|>\n"
+    )
+    assert tok.apply_chat_template(CONVERSATION[:2], tokenize=False, add_generation_prompt=True).endswith(
+        "What is the capital of France?<|im_end|>\n<|im_start|>assistant\n"
+    )
+
+
+def test_assistant_mask_covers_exactly_the_replies_and_their_im_end(tiny_model_dir):
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    enc = tok.apply_chat_template(CONVERSATION, return_dict=True, return_assistant_tokens_mask=True)
+    ids, mask = enc["input_ids"], enc["assistant_masks"]
+    spans, current = [], []
+    for token, m in zip(ids + [None], mask + [0]):
+        if m:
+            current.append(token)
+        elif current:
+            spans.append(tok.decode(current))
+            current = []
+    assert spans == ["Paris is the capital of France.<|im_end|>", "Two plus two is four.<|im_end|>"]
+
+
+# ----------------------------------------------------------------------------- bad inputs
+
+
+class RunsCode:
+    """A pickle that would create a file if anything unpickled it with code execution."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def bad_inputs(d: Path, good: Path) -> dict:
+    """name -> (checkpoint, tokenizer or None for the good one, fragment the one-line error must name)."""
+    def ckpt_with(name, edit):
+        ckpt = torch.load(good, weights_only=True)
+        edit(ckpt)
+        torch.save(ckpt, d / name)
+        return d / name
+
+    def arch(name, **field):
+        args = fixtures.tiny_model_args(**field)
+        return fixtures.write_source_checkpoint(d / name, args, with_optimizer=False)
+
+    torch.save([1, 2, 3], d / "list.pt")
+    torch.save({"model": {}, "payload": RunsCode(d / "PWNED")}, d / "runs_code.pt")
+    data = good.read_bytes()
+    (d / "truncated.pt").write_bytes(data[: len(data) // 2])
+    no_specials = d / "no_specials_tok"  # a byte-level BPE without the Qwen special tokens
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    plain = Tokenizer(models.BPE())
+    plain.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    plain.train_from_iterator(["hello world"], trainers.BpeTrainer(initial_alphabet=alphabet, show_progress=False))
+    PreTrainedTokenizerFast(tokenizer_object=plain).save_pretrained(no_specials)
+    return {
+        "not_a_dict": (d / "list.pt", None, "holds a list, not the expected dict"),
+        "no_model_args": (ckpt_with("noargs.pt", lambda c: c.pop("model_args")), None, "no 'model_args'"),
+        "layernorm": (arch("ln.pt", normalization="layernorm"), None, "model_args['normalization'] = 'layernorm'"),
+        "wrong_shape": (
+            ckpt_with("shape.pt", lambda c: c["model"].update({"_orig_mod.blocks.1.ffn.w_out.weight": torch.zeros(96, 7)})),
+            None,
+            "'blocks.1.ffn.w_out.weight' has shape [96, 7], model_args imply [96, 256]",
+        ),
+        "truncated": (d / "truncated.pt", None, "truncated.pt cannot be read"),
+        "runs_code": (d / "runs_code.pt", None, "needs arbitrary unpickling"),
+        "vocab_too_small": (arch("small.pt", vocab_size=300), None, "but the model's vocab_size is 300"),
+        "no_special_tokens": (good, no_specials, "lacks the special tokens"),
+    }
+
+
+@pytest.fixture(scope="module")
+def bad_runs(tmp_path_factory, tokenizer_dir):
+    """Run the CLI on every bad input at once (independent processes, ~2 s of torch import each)."""
+    d = tmp_path_factory.mktemp("bad")
+    good = fixtures.write_source_checkpoint(d / "good.pt", with_optimizer=False)
+    cases = bad_inputs(d, good)
+    procs = {
+        name: subprocess.Popen(
+            [sys.executable, "-m", "posttrain.convert", ckpt, "--tokenizer", tok or tokenizer_dir,
+             "--output-dir", d / f"out_{name}"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        for name, (ckpt, tok, _) in cases.items()
+    }
+    return d, {name: (*p.communicate(), p.returncode, cases[name][2]) for name, p in procs.items()}
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["not_a_dict", "no_model_args", "layernorm", "wrong_shape", "truncated", "runs_code", "vocab_too_small",
+     "no_special_tokens"],
+)
+def test_bad_input_is_one_line_and_writes_nothing(bad_runs, case):
+    d, runs = bad_runs
+    stdout, stderr, rc, fragment = runs[case]
+    assert rc == 2, stderr
+    assert stderr.count("\n") == 1 and stderr.startswith("error: ") and fragment in stderr, stderr
+    assert not (d / f"out_{case}").exists()
+    assert not any(p.name.startswith(f".out_{case}") for p in d.iterdir())
+    assert not (d / "PWNED").exists()
+
+
+def test_the_code_running_pickle_does_run_code_when_loaded_unsafely(tmp_path):
+    """So the refusal above is meaningful: this payload is live."""
+    torch.save({"payload": RunsCode(tmp_path / "PWNED")}, tmp_path / "c.pt")
+    torch.load(tmp_path / "c.pt", weights_only=False)
+    assert (tmp_path / "PWNED").exists()
+
+
+def drop_final_norm(state_dict):
+    del state_dict["_orig_mod.final_norm.weight"]
+
+
+def add_bias(state_dict):
+    state_dict["_orig_mod.blocks.0.attn.c_proj.bias"] = torch.zeros(96)
+
+
+@pytest.mark.parametrize(
+    "args, edit, fragment",
+    [
+        (dict(norm_position="post"), None, "model_args['norm_position'] = 'post'"),
+        (dict(position_encoding="learned"), None, "model_args['position_encoding'] = 'learned'"),
+        (dict(bias=True), None, "model_args['bias'] = True"),
+        (dict(ffn_type="mlp"), None, "model_args['ffn_type'] = 'mlp'"),
+        (dict(activation="gelu"), None, "model_args['activation'] = 'gelu'"),
+        ({}, drop_final_norm, "missing weight 'final_norm.weight'"),
+        ({}, add_bias, "unexpected weight 'blocks.0.attn.c_proj.bias'"),
+    ],
+)
+def test_unrepresentable_architecture_or_keys_are_refused(tmp_path, tokenizer_dir, args, edit, fragment):
+    """The same checks as the CLI cases above, in-process (cheaper than a process each)."""
+    path = fixtures.write_source_checkpoint(tmp_path / "c.pt", fixtures.tiny_model_args(**args), with_optimizer=False)
+    if edit:
+        ckpt = torch.load(path, weights_only=True)
+        edit(ckpt["model"])
+        torch.save(ckpt, path)
+    with pytest.raises(PosttrainError) as err:
+        convert.convert_checkpoint(path, tokenizer_dir, tmp_path / "out")
+    assert fragment in str(err.value)
+    assert [p.name for p in tmp_path.iterdir()] == ["c.pt"]
