@@ -1,0 +1,92 @@
+#!/usr/bin/env python
+"""How fast prepare_sft.py turns an Alpaca-sized dataset into SFT data, token statistics included.
+
+52,000 synthetic rows in the tatsu-lab/alpaca schema (instruction, input on about a
+third of rows, output, text; lengths near Alpaca's) go through
+`data_scripts/prepare_sft.py --tokenizer` (the tiny fixture tokenizer) as a
+subprocess, timed end to end. Prints rows/s; writes benchmarks/results/prepare_sft_throughput.json.
+
+    python benchmarks/prepare_sft_throughput.py [--rows 52000] [--num-proc 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from posttrain.fixtures import save_tokenizer, write_jsonl
+
+REPO = Path(__file__).resolve().parents[1]
+WORDS = (
+    "the a of to and in is for that with on as be by this it are from at or an can you your which have more "
+    "data model water energy plant city write explain list describe give three example reason history story "
+    "healthy food people time world number simple sentence paragraph answer question first second important"
+).split()
+
+
+def alpaca_rows(n: int, seed: int = 0) -> list[dict]:
+    """Alpaca-like lengths: instruction ~10 words, input on ~1/3 of rows ~12 words, output ~45 words."""
+    rng = random.Random(seed)
+
+    def words(k: int) -> str:
+        return " ".join(rng.choice(WORDS) for _ in range(max(1, int(rng.expovariate(1 / k)) + 1)))
+
+    rows = []
+    for i in range(n):
+        instruction = f"{words(10).capitalize()} (task {i})."
+        extra = words(12) if rng.random() < 0.35 else ""
+        output = words(45).capitalize() + "."
+        rows.append({"instruction": instruction, "input": extra, "output": output, "text": f"{instruction}\n{extra}\n{output}"})
+    return rows
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--rows", type=int, default=52_000)
+    p.add_argument("--num-proc", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "prepare_sft_throughput.json"))
+    args = p.parse_args()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        data = write_jsonl(tmp / "alpaca.jsonl", alpaca_rows(args.rows))
+        tokenizer = save_tokenizer(tmp / "tokenizer")
+        cmd = [
+            sys.executable, str(REPO / "data_scripts" / "prepare_sft.py"), "--dataset", "alpaca",
+            "--data-files", str(data), "--output-dir", str(tmp / "out"), "--tokenizer", str(tokenizer),
+            "--num-proc", str(args.num_proc),
+        ]  # fmt: skip
+        env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+        load = os.getloadavg()[0]  # other work on the machine slows the run down
+        start = time.perf_counter()
+        subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        seconds = time.perf_counter() - start
+        meta = json.loads((tmp / "out" / "meta.json").read_text())
+
+    result = {
+        "rows": args.rows,
+        "seconds": round(seconds, 2),
+        "rows_per_s": round(args.rows / seconds),
+        "target_seconds": 60,
+        "num_proc": args.num_proc,
+        "cpus": os.cpu_count(),
+        "load_average_1min_at_start": round(load, 2),
+        "machine": platform.processor() or platform.machine(),
+        "counts": meta["counts"],
+        "train_tokens": meta["tokens"]["train"]["sequence"],
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    print(f"prepare_sft.py: {args.rows} rows in {seconds:.1f} s = {result['rows_per_s']} rows/s (target < 60 s)")
+
+
+if __name__ == "__main__":
+    main()
