@@ -43,6 +43,12 @@ HELDOUT_QA = [
 # ------------------------------------------------------------------ helpers (tested)
 
 
+def printable(text: str) -> str:
+    """One line of visible text: whitespace runs become one space, control characters (a random
+    base model emits raw bytes) become U+FFFD, so columns stay aligned."""
+    return "".join(c if c.isprintable() else "\ufffd" for c in " ".join(text.split()))
+
+
 def side_by_side(prompts: list[str], replies: dict[str, list[str]], width: int = 120) -> str:
     """One block per prompt: the prompt, then each model's reply in its own column, wrapped."""
     names = list(replies)
@@ -51,7 +57,7 @@ def side_by_side(prompts: list[str], replies: dict[str, list[str]], width: int =
     lines = []
     for i, prompt in enumerate(prompts):
         lines.append(f"Q{i + 1}: {prompt}")
-        cells = [textwrap.wrap(" ".join(replies[n][i].split()) or "(empty)", col) for n in names]
+        cells = [textwrap.wrap(printable(replies[n][i]) or "(empty)", col) for n in names]
         header = [n.upper().ljust(col) for n in names]
         lines.append(gap.join(header).rstrip())
         lines.append(gap.join("-" * col for _ in names))
@@ -178,10 +184,11 @@ def write_raw_data(work: Path) -> tuple[Path, Path]:
 
 
 def compare_replies(model_dirs: dict[str, Path]) -> tuple[list[str], dict[str, list[str]], dict[str, int], dict[str, int]]:
-    """Greedy replies of each model to the demo prompts (with the training system prompt)."""
+    """Greedy replies of each model to the demo prompts, trained and held-out (with the training system prompt)."""
     from posttrain.chat import generate_turn, load_model
 
-    prompts = [q for q, _ in fixtures.QA_PAIRS]
+    pairs = fixtures.QA_PAIRS + [(q, a) for q, a, _ in HELDOUT_QA]
+    prompts = [q for q, _ in pairs]
     replies, stopped, correct = {}, {}, {}
     for name, path in model_dirs.items():
         model, tokenizer = load_model(path, device="cpu", dtype="float32")
@@ -197,7 +204,7 @@ def compare_replies(model_dirs: dict[str, Path]) -> tuple[list[str], dict[str, l
         ]
         replies[name] = [text for text, _ in turns]
         stopped[name] = sum(stop for _, stop in turns)
-        correct[name] = sum(text == a for (text, _), (_, a) in zip(turns, fixtures.QA_PAIRS))
+        correct[name] = sum(text == a for (text, _), (_, a) in zip(turns, pairs))
     return prompts, replies, stopped, correct
 
 
@@ -209,7 +216,8 @@ def run_demo(work: Path) -> None:
     demo.stage("Write a tiny checkpoint in the pre-training source format (ckpt_NNNNNN.pt) and its tokenizer")
     tokenizer_dir = fixtures.save_tokenizer(w / "tokenizer")
     ckpt = fixtures.write_source_checkpoint(w / "checkpoint" / "ckpt_000100.pt", iter_num=100)
-    print(f"{ckpt} ({ckpt.stat().st_size / 1e6:.1f} MB, model + optimizer state); tokenizer in {tokenizer_dir}")
+    print(f"{ckpt} ({ckpt.stat().st_size / 1e6:.1f} MB, model + optimizer state; random weights, so the base model "
+          f"babbles); tokenizer in {tokenizer_dir}")
 
     demo.stage("Convert it to a Hugging Face model and verify the logits against the original architecture")
     converted = w / "converted"
@@ -233,11 +241,11 @@ def run_demo(work: Path) -> None:
     demo.run("DPO", [py, REPO / "posttrain/dpo.py", REPO / "recipes/demo/dpo.yaml", "--model_name_or_path", w / "sft",
                      "--dataset_name", w / "dpo_data", "--output_dir", w / "dpo"])
 
-    demo.stage("Base, SFT and DPO answer the same prompts (greedy)")
+    demo.stage(f"Base, SFT and DPO answer the same prompts (greedy; Q{len(fixtures.QA_PAIRS) + 1}+ are held out)")
     prompts, replies, stopped, correct = compare_replies({"base": converted, "sft": w / "sft", "dpo": w / "dpo"})
     print(side_by_side(prompts, replies, width=min(shutil.get_terminal_size((120, 24)).columns, 150)))
     for name in MODELS:
-        print(f"{name:>4}: {correct[name]}/{len(prompts)} replies are the trained answer; "
+        print(f"{name:>4}: {correct[name]}/{len(prompts)} replies are the reference answer; "
               f"{stopped[name]}/{len(prompts)} ended on <|im_end|> within {MAX_NEW_TOKENS} tokens")
 
     demo.stage("Plot the training curves")

@@ -95,3 +95,8 @@ def test_raw_data_is_in_the_form_data_scripts_reads(tmp_path):
     # Held-out prompts are not training prompts (data_scripts would drop duplicates across splits).
     train_prompts = {q for q, _ in demo.fixtures.QA_PAIRS}
     assert not train_prompts & {q for q, _, _ in demo.HELDOUT_QA}
+
+
+def test_printable_keeps_columns_aligned():
+    assert demo.printable("a\tb\n\n c") == "a b c"
+    assert demo.printable("x\x1b[2Jy\x00") == "x\ufffd[2Jy\ufffd"
