@@ -391,19 +391,37 @@ def test_a_local_only_name_without_files_is_an_error(tmp_path, capsys):
 # --------------------------------------------------------------------------- training
 
 
-def test_sft_trains_on_a_prepared_directory(tmp_path, tiny_model_dir):
-    """posttrain/sft.py takes the directory as it is: train.jsonl to train, test.jsonl to evaluate."""
+def train(stage: str, model_dir, data_dir, output_dir) -> list[dict]:
+    """Two optimizer steps of posttrain/<stage>.py with its demo recipe on a prepared directory; the log history."""
     import yaml
 
+    recipe = yaml.safe_load((REPO / "recipes" / "demo" / f"{stage}.yaml").read_text())
+    recipe.update(model_name_or_path=str(model_dir), dataset_name=str(data_dir), output_dir=str(output_dir),
+                  report_to="none", max_steps=2, eval_steps=2, save_strategy="no")  # fmt: skip
+    path = Path(output_dir).with_suffix(".yaml")
+    path.write_text(yaml.safe_dump(recipe))
+    proc = subprocess.run([sys.executable, str(REPO / "posttrain" / f"{stage}.py"), str(path)],
+                          cwd=path.parent, capture_output=True, text=True)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return json.loads((Path(output_dir) / "trainer_state.json").read_text())["log_history"]
+
+
+def test_sft_trains_on_a_prepared_directory(tmp_path, tiny_model_dir):
+    """posttrain/sft.py takes the directory as it is: train.jsonl to train, test.jsonl to evaluate."""
     _, meta = run(SFT_SCRIPT, tmp_path, "ultrachat", _ultrachat_copy(tmp_path / "ultrachat_200k"), "--val-split", "0.5")
     assert meta["counts"]["test"] == 1
-    recipe = yaml.safe_load((REPO / "recipes" / "demo" / "sft.yaml").read_text())
-    recipe.update(model_name_or_path=str(tiny_model_dir), dataset_name=str(tmp_path / "out"),
-                  output_dir=str(tmp_path / "sft"), report_to="none", max_steps=2, eval_steps=2, save_strategy="no")  # fmt: skip
-    (tmp_path / "sft.yaml").write_text(yaml.safe_dump(recipe))
-    proc = subprocess.run([sys.executable, str(REPO / "posttrain" / "sft.py"), str(tmp_path / "sft.yaml")],
-                          cwd=tmp_path, capture_output=True, text=True)  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    history = json.loads((tmp_path / "sft" / "trainer_state.json").read_text())["log_history"]
+    history = train("sft", tiny_model_dir, tmp_path / "out", tmp_path / "sft")
     assert history[-1]["step"] == 2
-    assert any("eval_loss" in h and h["eval_loss"] > 0 for h in history)
+    assert any(h.get("eval_loss", 0) > 0 for h in history)
+
+
+def test_dpo_trains_on_a_prepared_directory(tmp_path, tiny_model_dir):
+    """posttrain/dpo.py takes the multi-turn hh_rlhf pairs as they are."""
+    rows = [{"chosen": f"\n\nHuman: Hi\n\nAssistant: Hello!\n\nHuman: What is {i}+{i}?\n\nAssistant: {2 * i}.",
+             "rejected": f"\n\nHuman: Hi\n\nAssistant: Hello!\n\nHuman: What is {i}+{i}?\n\nAssistant: {2 * i + 1}."}
+            for i in range(8)]  # fmt: skip
+    _, meta = run(DPO_SCRIPT, tmp_path, "hh_rlhf", rows, "--val-split", "0.25")
+    assert (meta["counts"]["train"], meta["counts"]["test"]) == (6, 2)
+    history = train("dpo", tiny_model_dir, tmp_path / "out", tmp_path / "dpo")
+    assert history[-1]["step"] == 2
+    assert any("eval_rewards/accuracies" in h for h in history)
