@@ -190,15 +190,34 @@ def check_model_args(model_args: dict, path: Path) -> dict:
     return a
 
 
+def check_rope_table(cos_cached: torch.Tensor | None, a: dict, path: Path) -> None:
+    """The RoPE table we drop must be the one HF recomputes from model_args' rope_theta.
+    A rope_theta that disagrees with training would pass --verify (both sides read
+    model_args) and still be wrong; the table the checkpoint carries settles it."""
+    if cos_cached is None:
+        return
+    half = a["n_embd"] // a["n_head"] // 2
+    table = cos_cached.float().reshape(-1, half) if cos_cached.numel() % half == 0 else None
+    if table is not None:
+        inv_freq = a["rope_theta"] ** (-torch.arange(half, dtype=torch.float64) / half)
+        angles = torch.outer(torch.arange(table.shape[0], dtype=torch.float64), inv_freq)
+        error = (table.double() - angles.cos()).abs().max().item()
+    if table is None or error > 1e-2:  # 1e-2: above bf16 rounding of a [-1, 1] table
+        raise PosttrainError(
+            f"{path}: buffer 'blocks.0.attn.rope.cos_cached' {list(cos_cached.shape)} is not the RoPE table of "
+            f"rope_theta={a['rope_theta']} with head dim {2 * half}; model_args disagree with the trained model"
+        )
+
+
 def source_weights(state_dict: dict, a: dict, path: Path) -> dict[str, torch.Tensor]:
     """Strip prefixes, drop buffers, and check every key and shape against model_args."""
-    weights = {}
+    weights, buffers = {}, {}
     for key, tensor in state_dict.items():
         name = key
         while name.startswith(PREFIXES):
             name = name.split(".", 1)[1]
-        if not BUFFER_KEY.fullmatch(name):
-            weights[name] = tensor
+        (buffers if BUFFER_KEY.fullmatch(name) else weights)[name] = tensor
+    check_rope_table(buffers.get("blocks.0.attn.rope.cos_cached"), a, path)
     expected = source_shapes(a)
     if a["weight_tying"]:
         # torch.save keeps a tied head as the very same storage; accept it or its absence.

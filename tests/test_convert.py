@@ -262,6 +262,11 @@ def add_bias(state_dict):
     state_dict["_orig_mod.blocks.0.attn.c_proj.bias"] = torch.zeros(96)
 
 
+def rope_of_another_theta(state_dict):
+    cos, _ = fixtures._rope_tables(256, 24, theta=1e6)  # model_args say 1e4
+    state_dict["_orig_mod.blocks.0.attn.rope.cos_cached"] = cos
+
+
 @pytest.mark.parametrize(
     "args, edit, fragment",
     [
@@ -272,6 +277,7 @@ def add_bias(state_dict):
         (dict(activation="gelu"), None, "model_args['activation'] = 'gelu'"),
         ({}, drop_final_norm, "missing weight 'final_norm.weight'"),
         ({}, add_bias, "unexpected weight 'blocks.0.attn.c_proj.bias'"),
+        ({}, rope_of_another_theta, "'blocks.0.attn.rope.cos_cached' [256, 12] is not the RoPE table of rope_theta=10000.0"),
     ],
 )
 def test_unrepresentable_architecture_or_keys_are_refused(tmp_path, tokenizer_dir, args, edit, fragment):
