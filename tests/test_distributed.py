@@ -128,14 +128,16 @@ def test_slurm_renders_one_launch_per_node(tmp_path):
 
 
 def test_slurm_respects_overrides(tmp_path):
-    (argv,) = render_slurm(
-        tmp_path, 1, "dpo", "r.yaml", GPUS_PER_NODE="4", MASTER_ADDR="10.1.2.3", MASTER_PORT="30000",
+    """Another GPU count, address and port; and the single-node ZeRO-2 config, made multi-node by the command line."""
+    commands = render_slurm(
+        tmp_path, 2, "dpo", "r.yaml", GPUS_PER_NODE="4", MASTER_ADDR="10.1.2.3", MASTER_PORT="30000",
         ACCELERATE_CONFIG="accelerate_configs/zero2.yaml",
-    )
-    args = resolve_launch(argv)
-    assert (args.num_machines, args.num_processes, args.machine_rank) == (1, 4, 0)
-    assert (args.main_process_ip, args.main_process_port, args.zero_stage) == ("10.1.2.3", 30000, 2)
-    assert args.training_script == "posttrain/dpo.py"
+    )  # fmt: skip
+    for rank, argv in enumerate(commands):
+        args = resolve_launch(argv)
+        assert (args.num_machines, args.num_processes, args.machine_rank) == (2, 8, rank)
+        assert (args.main_process_ip, args.main_process_port, args.zero_stage) == ("10.1.2.3", 30000, 2)
+        assert args.deepspeed_multinode_launcher == "standard" and args.training_script == "posttrain/dpo.py"
 
 
 def test_slurm_rejects_bad_usage(tmp_path):
@@ -202,40 +204,41 @@ def assert_zero_checkpoint(out: Path, stage: int) -> None:
         assert "mp_rank_00_model_states.pt" in files and not param_shards & files, files
 
 
-SFT_OVERRIDES = (
-    "--max_steps", "4", "--num_train_epochs", "1", "--logging_steps", "1",
-    "--eval_strategy", "no", "--save_strategy", "steps", "--save_steps", "4", "--report_to", "none",
-)  # fmt: skip
+def train_under_deepspeed(tmp_path, config, stage, script, recipe, model_dir, data_dir, steps, *extra) -> list[dict]:
+    """A short run of the repo's demo recipe, saving a checkpoint at its last step; checks the
+    saved model and the ZeRO checkpoint and returns the trainer's log history."""
+    out = tmp_path / "out"
+    accelerate_launch(
+        config, script, recipe, "--model_name_or_path", model_dir, "--dataset_name", data_dir, "--output_dir", out,
+        "--max_steps", steps, "--num_train_epochs", "1", "--logging_steps", "1", "--eval_strategy", "no",
+        "--save_strategy", "steps", "--save_steps", steps, "--report_to", "none", *extra, cwd=tmp_path,
+    )  # fmt: skip
+    assert_trained_full_model(out, model_dir)
+    assert_zero_checkpoint(out, stage)
+    state = json.loads((out / "trainer_state.json").read_text())
+    assert state["global_step"] == steps
+    return state["log_history"]
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("config, stage", [("zero2.yaml", 2), ("zero3.yaml", 3)])
 def test_sft_under_deepspeed(tmp_path, tiny_model_dir, sft_data_dir, config, stage):
-    out = tmp_path / "sft"
-    accelerate_launch(
-        config, "posttrain/sft.py", "recipes/demo/sft.yaml", "--model_name_or_path", tiny_model_dir,
-        "--dataset_name", sft_data_dir, "--output_dir", out, *SFT_OVERRIDES, cwd=tmp_path,
-    )  # fmt: skip
-    assert_trained_full_model(out, tiny_model_dir)
-    assert_zero_checkpoint(out, stage)
-    state = json.loads((out / "trainer_state.json").read_text())
-    assert state["global_step"] == 4
+    logs = train_under_deepspeed(
+        tmp_path, config, stage, "posttrain/sft.py", "recipes/demo/sft.yaml", tiny_model_dir, sft_data_dir, 4
+    )
+    losses = [e["loss"] for e in logs if "loss" in e]
+    assert len(losses) == 4 and losses[-1] < losses[0]
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("config, stage", [("zero2.yaml", 2), ("zero3.yaml", 3)])
 def test_dpo_with_live_reference_under_deepspeed(tmp_path, tiny_model_dir, preference_data_dir, config, stage):
     """DPO with a reference model loaded and prepared next to the policy (sharded too under ZeRO-3)."""
-    out = tmp_path / "dpo"
-    accelerate_launch(
-        config, "posttrain/dpo.py", "recipes/demo/dpo.yaml", "--model_name_or_path", tiny_model_dir,
-        "--dataset_name", preference_data_dir, "--output_dir", out, "--precompute_ref_log_probs", "false",
-        "--max_steps", "3", "--num_train_epochs", "1", "--logging_steps", "1", "--eval_strategy", "no",
-        "--save_strategy", "steps", "--save_steps", "3", "--report_to", "none", cwd=tmp_path,
+    logs = train_under_deepspeed(
+        tmp_path, config, stage, "posttrain/dpo.py", "recipes/demo/dpo.yaml", tiny_model_dir, preference_data_dir, 3,
+        "--precompute_ref_log_probs", "false",
     )  # fmt: skip
-    assert_trained_full_model(out, tiny_model_dir)
-    assert_zero_checkpoint(out, stage)
-    logs = [e for e in json.loads((out / "trainer_state.json").read_text())["log_history"] if "rewards/margins" in e]
+    logs = [e for e in logs if "rewards/margins" in e]
     assert [e["step"] for e in logs] == [1, 2, 3]
     # Step 1: policy == reference, so every implicit reward is 0. Later the policy has moved away
     # from the reference it is measured against: the reference is a separate, frozen model.
