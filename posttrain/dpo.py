@@ -28,6 +28,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import trl
+from trl.trainer.utils import global_then_local_main_first
 
 from posttrain import training
 from posttrain.data import validate_preference_rows
@@ -90,7 +91,8 @@ class PreferenceTrainer(trl.DPOTrainer):
             prompt = example["prompt_ids"]
             return (prompt + example["chosen_ids"])[cut] != (prompt + example["rejected_ids"])[cut]
 
-        dataset = dataset.filter(distinguishable)
+        with global_then_local_main_first():  # as TRL's own maps: one process writes the cache, the rest read it
+            dataset = dataset.filter(distinguishable)
         if before is not None and len(dataset) < before:
             PartialState().print(
                 f"dpo: dropped {before - len(dataset)} of {before} {dataset_name} pairs that leave no room within "
@@ -104,7 +106,8 @@ class PreferenceTrainer(trl.DPOTrainer):
     def _precompute_ref_logps(self, dataset, name, batch_size):
         if not self.args.reference_free:
             return super()._precompute_ref_logps(dataset, name, batch_size)
-        return dataset.map(lambda _: {"ref_chosen_logps": 0.0, "ref_rejected_logps": 0.0})
+        with global_then_local_main_first():
+            return dataset.map(lambda _: {"ref_chosen_logps": 0.0, "ref_rejected_logps": 0.0})
 
 
 def main(script_args, training_args, model_args, dataset_args) -> None:

@@ -372,21 +372,24 @@ def test_bad_input_is_one_line_before_training(tmp_path, tiny_model_dir, pref_di
     assert "loss_type sigmod: not one of sigmoid" in errors[0]
     assert not out.exists()
 
-    # Rows the trainer cannot use, in-process through the same CLI wrapper.
+    # Rows or settings the trainer cannot use, in-process through the same CLI wrapper.
+    good = fixtures.preference_rows()[:2]
+    hi = [{"role": "user", "content": "Hi"}]
     cases = {
-        "no_rejected": ({"prompt": [{"role": "user", "content": "Hi"}], "chosen": [{"role": "assistant", "content": "Hello."}]}, r"row 3 rejected: expected a non-empty list of messages"),
-        "user_chosen": ({"prompt": [{"role": "user", "content": "Hi"}], "chosen": [{"role": "user", "content": "x"}], "rejected": [{"role": "assistant", "content": "y"}]}, r"row 3 chosen: the last message must be the assistant's"),
-        "robust_smoothing": (None, r"loss_type robust needs 0 <= label_smoothing < 0.5 \(got 0.5\)"),
+        "no_rejected": (good + [{"prompt": hi, "chosen": [{"role": "assistant", "content": "Hello."}]}], {}, r"row 3 rejected: expected a non-empty list of messages"),
+        "user_chosen": (good + [{"prompt": hi, "chosen": [{"role": "user", "content": "x"}], "rejected": [{"role": "assistant", "content": "y"}]}], {}, r"row 3 chosen: the last message must be the assistant's"),
+        "robust_smoothing": (good, {"loss_type": "robust", "label_smoothing": 0.5}, r"loss_type robust needs 0 <= label_smoothing < 0.5 \(got 0.5\)"),
+        "nothing_fits": (good, {"max_length": 10}, r"no train pair fits in max_length=10; raise max_length"),
     }
-    for name, (bad_row, message) in cases.items():
+    for name, (rows, extra, message) in cases.items():
         data = tmp_path / name
-        fixtures.write_jsonl(data / "train.jsonl", fixtures.preference_rows()[:2] + ([bad_row] if bad_row else []))
-        extra = {"loss_type": "robust", "label_smoothing": 0.5} if bad_row is None else {}
+        fixtures.write_jsonl(data / "train.jsonl", rows)
         recipe = write_recipe(tmp_path / f"{name}.yaml", tiny_model_dir, data, tmp_path / f"out_{name}", eval_strategy="no", **extra)
         with pytest.raises(SystemExit) as exc:
             training.run(dpo.main, dpo.DPOConfig, [str(recipe)])
         err = capsys.readouterr().err
-        assert exc.value.code == 2 and re.search(message, err), err
+        errors = [line for line in err.splitlines() if line.startswith("error:")]
+        assert exc.value.code == 2 and len(errors) == 1 and re.search(message, errors[0]), err
         assert not (tmp_path / f"out_{name}").exists()
 
 
