@@ -5,6 +5,8 @@ model's own chat template (the ChatML template every model here carries), and
 a `--prompt` one-shot mode for scripts that prints only the reply. Generation
 stops at `<|im_end|>`, the end-of-turn token SFT trains the model to emit.
 
+The default system prompt is the one data_scripts adds to every training
+conversation without one: a model answers best in the setting it was trained in.
 REPL commands: `/system TEXT` sets the system prompt and starts over, `/reset`
 clears the conversation (keeps the system prompt), `/quit` (or Ctrl-D) exits.
 """
@@ -17,6 +19,7 @@ from pathlib import Path
 
 from posttrain.chat_template import ENDOFTEXT, IM_END
 from posttrain.errors import PosttrainError, run_cli
+from posttrain.prep_adapters import DEFAULT_SYSTEM_PROMPT
 
 HELP = "commands: /system TEXT (set system prompt, new conversation), /reset, /quit"
 
@@ -125,7 +128,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m posttrain.chat", description=__doc__.split("\n\n")[0])
     p.add_argument("model_dir", help="a Hugging Face model directory (convert-checkpoint, SFT or DPO output)")
     p.add_argument("--prompt", help="one-shot: answer this prompt, print only the reply, exit")
-    p.add_argument("--system", help="system prompt (default: none)")
+    p.add_argument(
+        "--system",
+        default=DEFAULT_SYSTEM_PROMPT,
+        help="system prompt; default: the one data_scripts puts in every training conversation that has none "
+        "('' for no system message)",
+    )
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.7)
     p.add_argument("--top-p", type=float, default=0.9)

@@ -256,7 +256,8 @@ def run_demo(work: Path) -> None:
           f"({'passed' if verification['passed'] else 'FAILED'})")
     print(f"SFT final train loss {log_series(histories['sft'], 'loss')[1][-1]:.3f}; "
           f"DPO final reward accuracy {dpo_acc[-1]:.2f}" if dpo_acc else "")
-    print(f"models in {w}: converted/, sft/, dpo/  (try: python -m posttrain.chat {w / 'dpo'})")
+    print(f"models in {w}: converted/, sft/, dpo/; talk to one (the demo data's system prompt):\n"
+          f"  python -m posttrain.chat {w / 'dpo'} --system {shlex.quote(fixtures.SYSTEM_PROMPT)}")
     print(f"done in {time.monotonic() - demo.t0:.0f} s")
     print(f"plot: {plot}")
 

@@ -31,10 +31,13 @@ def model_and_tokenizer(tiny_model_dir):
 def test_one_shot_prints_only_the_reply(tiny_model_dir, model_and_tokenizer):
     proc = run_chat(tiny_model_dir, "--prompt", "What do bees make?", "--greedy", "--max-new-tokens", "12")
     assert proc.returncode == 0, proc.stderr
-    # Greedy is deterministic: the CLI prints exactly what generate_reply returns, and nothing else.
-    expected = chat.generate_reply(
-        *model_and_tokenizer, [{"role": "user", "content": "What do bees make?"}], max_new_tokens=12, do_sample=False
-    )
+    # Greedy is deterministic: the CLI prints exactly what generate_reply returns, and nothing else;
+    # by default under the system prompt data_scripts trains with.
+    messages = [
+        {"role": "system", "content": chat.DEFAULT_SYSTEM_PROMPT},
+        {"role": "user", "content": "What do bees make?"},
+    ]
+    expected = chat.generate_reply(*model_and_tokenizer, messages, max_new_tokens=12, do_sample=False)
     assert expected
     assert proc.stdout == expected + "\n"
 
