@@ -34,5 +34,12 @@ test-fast: install
 test-slow: install
 	$(BIN)/python -m pytest tests -m slow
 
+# CPU benchmarks (figures printed and written to benchmarks/results/*.json).
+# The full-size conversion needs ~11 GB of free disk and ~12 GB RAM; sft_gpu.py needs a CUDA GPU.
+bench: install
+	$(BIN)/python benchmarks/convert_full_size.py
+	$(BIN)/python benchmarks/sft_packing.py
+	$(BIN)/python benchmarks/prepare_sft_throughput.py
+
 clean:
 	rm -rf $(VENV) demo_runs bench_results
