@@ -14,6 +14,7 @@ stale one is deleted when a run starts in that directory.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -83,6 +84,12 @@ def setup(training_args) -> None:
         datefmt="%Y-%m-%d %H:%M:%S",
         handlers=[logging.StreamHandler(sys.stdout)],
     )
+    if "min_lr" in (training_args.lr_scheduler_kwargs or {}) and training_args.deepspeed_plugin is not None:
+        # transformers computes min_lr / optimizer.defaults["lr"], and ZeRO optimizers have no defaults
+        raise PosttrainError(
+            "lr_scheduler_kwargs min_lr crashes under DeepSpeed; give the floor as a fraction of "
+            "learning_rate instead: lr_scheduler_kwargs: {min_lr_rate: MIN_LR / LEARNING_RATE}"
+        )
     level = training_args.get_process_log_level()
     logger.setLevel(level)
     datasets.utils.logging.set_verbosity(level)
@@ -223,21 +230,40 @@ def _stop_on_im_end(generation_config, tokenizer) -> None:
         generation_config.pad_token_id = tokenizer.pad_token_id
 
 
+@contextlib.contextmanager
+def _without_zero3_init(trainer):
+    """Let one process call from_pretrained alone: under ZeRO-3 transformers would build the model
+    inside deepspeed.zero.Init, a collective the other ranks never join (the run hangs)."""
+    from transformers.integrations import unset_hf_deepspeed_config
+
+    plugin = trainer.accelerator.state.deepspeed_plugin
+    if plugin is None:
+        yield
+        return
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        plugin.set_deepspeed_weakref()
+
+
 def _save_merged(trainer, model_args, training_args) -> Path:
-    """Base model + the saved adapter, merged, in OUTPUT/merged (reloaded from disk, so correct under any ZeRO stage)."""
+    """Base model + the saved adapter, merged, in OUTPUT/merged (reloaded from disk on the main
+    process, so the same under any ZeRO stage)."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     from posttrain.atomic import atomic_output_dir
 
     out = Path(training_args.output_dir)
-    base = AutoModelForCausalLM.from_pretrained(
-        model_args.model_name_or_path,
-        revision=model_args.model_revision,
-        dtype=model_args.dtype or "auto",
-        trust_remote_code=training_args.trust_remote_code,
-    )
-    merged = PeftModel.from_pretrained(base, out).merge_and_unload()
+    with _without_zero3_init(trainer):
+        base = AutoModelForCausalLM.from_pretrained(
+            model_args.model_name_or_path,
+            revision=model_args.model_revision,
+            dtype=model_args.dtype or "auto",
+            trust_remote_code=training_args.trust_remote_code,
+        )
+        merged = PeftModel.from_pretrained(base, out).merge_and_unload()
     _stop_on_im_end(merged.generation_config, trainer.processing_class)
     with atomic_output_dir(out / MERGED_DIR, overwrite=True) as tmp:
         merged.save_pretrained(tmp)

@@ -423,3 +423,31 @@ def test_gpu_benchmark_arithmetic():
     with pytest.raises(SystemExit) as exit_info:
         bench.parse_args(["--help"])
     assert exit_info.value.code == 0
+
+
+@pytest.mark.slow
+def test_lora_merge_under_zero3(tmp_path, tiny_model_dir, sft_data_dir):
+    """The merged model is built on the main process alone (under ZeRO-3 that once hung in
+    zero.Init); and a min_lr the ZeRO optimizer cannot serve is refused in one line."""
+    out = tmp_path / "out"
+    recipe = write_recipe(
+        tmp_path / "r.yaml", tiny_model_dir, sft_data_dir, out, max_steps=2, eval_strategy="no", save_strategy="no",
+        use_peft=True, lora_r=8, lora_target_modules=["q_proj", "v_proj"], merge_lora_after_training=True,
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+
+    def launch(*overrides):
+        cmd = [
+            str(Path(sys.executable).parent / "accelerate"), "launch", "--num_processes", "2", "--mixed_precision", "no",
+            "--config_file", str(REPO / "accelerate_configs" / "zero3.yaml"), str(SFT_SCRIPT), str(recipe), *overrides,
+        ]  # fmt: skip
+        return subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+
+    proc = launch()
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert (out / "adapter_model.safetensors").is_file() and (out / training.MERGED_DIR / "model.safetensors").is_file()
+    assert (out / RESOLVED_RECIPE_NAME).is_file()
+
+    proc = launch("--lr_scheduler_kwargs", '{"min_lr": 2e-6}', "--output_dir", tmp_path / "min_lr")
+    assert proc.returncode != 0 and "error: lr_scheduler_kwargs min_lr crashes under DeepSpeed" in proc.stderr
+    assert "Traceback" not in proc.stderr.split("error: lr_scheduler_kwargs")[0]
