@@ -195,8 +195,10 @@ def test_resume_and_output_dir_errors(tmp_path, tiny_model_dir, sft_data_dir):
     script_args, training_args, *_ = parse(recipe)
     with pytest.raises(PosttrainError, match="checkpoints of an earlier run.*--resume_from_checkpoint true"):
         training.resume_checkpoint(script_args, training_args)
+    (tmp_path / "out" / RESOLVED_RECIPE_NAME).write_text("{}")  # the completion marker of an earlier run
     script_args, training_args, *_ = parse(recipe, "--resume_from_checkpoint", "true")
     assert training.resume_checkpoint(script_args, training_args) == str(tmp_path / "out" / "checkpoint-3")
+    assert not (tmp_path / "out" / RESOLVED_RECIPE_NAME).exists()  # until this run saves, it is unfinished
     script_args, training_args, *_ = parse(recipe, "--overwrite_output_dir", "true")
     assert training.resume_checkpoint(script_args, training_args) is None
     assert not (tmp_path / "out" / "checkpoint-3").exists()
