@@ -119,17 +119,7 @@ def main(script_args, training_args, model_args, dataset_args) -> None:
     tokenizer = training.load_tokenizer(model_args, training_args, require_generation_markers=False)
     if not tokenizer.chat_template:
         raise PosttrainError(f"model {model_args.model_name_or_path}: its tokenizer has no chat template to render the prompts with")
-    train_dataset, eval_dataset = training.load_data(script_args, dataset_args, training_args, validate_preference_rows)
-
-    trainer = training.make_trainer(
-        PreferenceTrainer,
-        training_args,
-        model_args,
-        train_dataset=train_dataset,
-        eval_dataset=eval_dataset,
-        processing_class=tokenizer,
-    )
-    training.train_and_save(trainer, resume, script_args, training_args, model_args, dataset_args)
+    training.train_stage(PreferenceTrainer, tokenizer, validate_preference_rows, resume, script_args, training_args, model_args, dataset_args)
 
 
 if __name__ == "__main__":

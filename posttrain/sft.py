@@ -40,17 +40,7 @@ def main(script_args, training_args, model_args, dataset_args) -> None:
 
     # Everything that can be wrong with the inputs fails here, in one line, before the model loads.
     tokenizer = training.load_tokenizer(model_args, training_args, require_generation_markers=training_args.assistant_only_loss)
-    train_dataset, eval_dataset = training.load_data(script_args, dataset_args, training_args, validate_sft_rows)
-
-    trainer = training.make_trainer(
-        trl.SFTTrainer,
-        training_args,
-        model_args,
-        train_dataset=train_dataset,
-        eval_dataset=eval_dataset,
-        processing_class=tokenizer,
-    )
-    training.train_and_save(trainer, resume, script_args, training_args, model_args, dataset_args)
+    training.train_stage(trl.SFTTrainer, tokenizer, validate_sft_rows, resume, script_args, training_args, model_args, dataset_args)
 
 
 if __name__ == "__main__":

@@ -290,10 +290,28 @@ def train_and_save(trainer, resume: str | None, script_args, training_args, mode
         if is_peft_model(model) and script_args.merge_lora_after_training:
             logger.info("merged model saved to %s", _save_merged(trainer, model_args, training_args))
         training_args.resume_from_checkpoint = None  # a rerun from the recipe starts from scratch
+        for key, value in launch_defaults().items():  # re-derived at each launch: a CPU run's gloo
+            if getattr(training_args, key) == value:  # must not follow its recipe onto GPUs
+                setattr(training_args, key, None)
         save_resolved_recipe(out, script_args, training_args, model_args, dataset_args)
         trainer.accelerator.print(f"saved the model, tokenizer, trainer state and {RESOLVED_RECIPE_NAME} to {out}")
     trainer.accelerator.wait_for_everyone()
     trainer.end()  # finish the trackers, destroy the process group
+
+
+def train_stage(trainer_cls, tokenizer, validate_rows, resume, script_args, training_args, model_args, dataset_args) -> None:
+    """The tail every stage shares: load and check the data (one-line errors, before the model
+    loads), build `trainer_cls` on the recipe's model, train (resuming if asked) and save."""
+    train_dataset, eval_dataset = load_data(script_args, dataset_args, training_args, validate_rows)
+    trainer = make_trainer(
+        trainer_cls,
+        training_args,
+        model_args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        processing_class=tokenizer,
+    )
+    train_and_save(trainer, resume, script_args, training_args, model_args, dataset_args)
 
 
 def run(main, config_cls, argv=None) -> None:

@@ -37,21 +37,21 @@ def tiny_model_dir(tmp_path_factory, source_checkpoint, tokenizer_dir):
     return out
 
 
-@pytest.fixture(scope="session")
-def sft_data_dir(tmp_path_factory):
-    """The demo SFT conversations as a data_scripts-style directory (train.jsonl, test.jsonl)."""
-    d = tmp_path_factory.mktemp("sft_data")
-    rows = fixtures.sft_rows()
+def _data_dir(tmp_path_factory, name: str, rows: list[dict]):
+    """Rows as a data_scripts-style directory: all in train.jsonl, the first two also in test.jsonl."""
+    d = tmp_path_factory.mktemp(name)
     fixtures.write_jsonl(d / "train.jsonl", rows)
     fixtures.write_jsonl(d / "test.jsonl", rows[:2])
     return d
+
+
+@pytest.fixture(scope="session")
+def sft_data_dir(tmp_path_factory):
+    """The demo SFT conversations as a data_scripts-style directory."""
+    return _data_dir(tmp_path_factory, "sft_data", fixtures.sft_rows())
 
 
 @pytest.fixture(scope="session")
 def preference_data_dir(tmp_path_factory):
     """The demo preference pairs as a data_scripts-style directory."""
-    d = tmp_path_factory.mktemp("pref_data")
-    rows = fixtures.preference_rows()
-    fixtures.write_jsonl(d / "train.jsonl", rows)
-    fixtures.write_jsonl(d / "test.jsonl", rows[:2])
-    return d
+    return _data_dir(tmp_path_factory, "pref_data", fixtures.preference_rows())

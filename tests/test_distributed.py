@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "accelerate_configs"
@@ -217,6 +218,10 @@ def train_under_deepspeed(tmp_path, config, stage, script, recipe, model_dir, da
     assert_zero_checkpoint(out, stage)
     state = json.loads((out / "trainer_state.json").read_text())
     assert state["global_step"] == steps
+    # The gloo backend this CPU launch needed is re-derived at launch, not baked into the recipe
+    # (rerun on GPUs, it must not force gloo over NCCL).
+    resolved = yaml.safe_load((out / "recipe.resolved.yaml").read_text())
+    assert resolved["ddp_backend"] is None and resolved["max_steps"] == steps
     return state["log_history"]
 
 

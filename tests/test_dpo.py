@@ -28,6 +28,7 @@ from safetensors.torch import load_file
 from posttrain import fixtures, training
 from posttrain.chat_template import IM_END, IM_START
 from posttrain.recipe import RESOLVED_RECIPE_NAME
+from helpers import write_demo_recipe
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_RECIPE = REPO / "recipes" / "demo" / "dpo.yaml"
@@ -39,12 +40,7 @@ DROP_MESSAGE = re.compile(r"dpo: dropped 2 of 9 train pairs that leave no room w
 
 
 def write_recipe(path: Path, model_dir, data_dir, output_dir, **overrides) -> Path:
-    """The demo recipe, pointed at the test's model, data and output directory."""
-    recipe = yaml.safe_load(DEMO_RECIPE.read_text())
-    recipe.update(model_name_or_path=str(model_dir), dataset_name=str(data_dir), output_dir=str(output_dir), report_to="none")
-    recipe.update(overrides)
-    path.write_text(yaml.safe_dump(recipe))
-    return path
+    return write_demo_recipe("dpo", path, model_dir, data_dir, output_dir, **overrides)
 
 
 def parse(*argv):

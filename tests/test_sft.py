@@ -25,6 +25,7 @@ from posttrain import fixtures, training
 from posttrain.chat_template import IM_END, IM_START
 from posttrain.errors import PosttrainError
 from posttrain.recipe import RESOLVED_RECIPE_NAME
+from helpers import write_demo_recipe
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_RECIPE = REPO / "recipes" / "demo" / "sft.yaml"
@@ -33,14 +34,7 @@ TWO_TURN = 6  # index of the two-turn conversation in fixtures.sft_rows()
 
 
 def write_recipe(path: Path, model_dir, data_dir, output_dir, **overrides) -> Path:
-    """The demo recipe, pointed at the test's model, data and output directory."""
-    recipe = yaml.safe_load(DEMO_RECIPE.read_text())
-    recipe.update(
-        model_name_or_path=str(model_dir), dataset_name=str(data_dir), output_dir=str(output_dir), report_to="none"
-    )
-    recipe.update(overrides)
-    path.write_text(yaml.safe_dump(recipe))
-    return path
+    return write_demo_recipe("sft", path, model_dir, data_dir, output_dir, **overrides)
 
 
 def parse(*argv):
