@@ -8,6 +8,12 @@ old system masked `<|im_end|>` out and its SFT model never stopped talking.
 
 from __future__ import annotations
 
+import os
+import sys
+from pathlib import Path
+
+from posttrain.errors import PosttrainError
+
 IM_START = "<|im_start|>"
 IM_END = "<|im_end|>"
 ENDOFTEXT = "<|endoftext|>"
@@ -43,3 +49,28 @@ def install_chat_template(tokenizer) -> None:
     tokenizer.eos_token = IM_END
     tokenizer.pad_token = ENDOFTEXT
     tokenizer.bos_token = None
+
+
+def load_chat_tokenizer(path: str | os.PathLike):
+    """A local tokenizer directory with the ChatML training template installed.
+
+    Used by convert-checkpoint and data_scripts, so token counts are measured with
+    the template training uses: a raw Qwen3 tokenizer's own template is replaced
+    (with a note). A missing directory is never tried as a hub repository.
+    """
+    from transformers import AutoTokenizer
+
+    if not Path(path).is_dir():
+        raise PosttrainError(f"tokenizer directory {path} not found")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except Exception as err:  # a missing or corrupt tokenizer.json: JSONDecodeError, ValueError, tokenizers' Exception
+        raise PosttrainError(f"tokenizer {path} cannot be loaded ({type(err).__name__}: {err})".splitlines()[0]) from None
+    previous = tokenizer.chat_template
+    try:
+        install_chat_template(tokenizer)
+    except ValueError as err:  # no <|im_start|> etc.
+        raise PosttrainError(f"tokenizer {path} {str(err).removeprefix('tokenizer ')}") from None
+    if previous not in (None, CHATML_TEMPLATE):
+        print(f"note: tokenizer {path}: its own chat template was replaced by the ChatML training template", file=sys.stderr)
+    return tokenizer

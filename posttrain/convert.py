@@ -28,7 +28,7 @@ import torch
 from safetensors.torch import save_file
 
 from posttrain.atomic import atomic_output_dir, check_output_dir
-from posttrain.chat_template import ENDOFTEXT, IM_END, SPECIAL_TOKENS, install_chat_template
+from posttrain.chat_template import ENDOFTEXT, IM_END, load_chat_tokenizer
 from posttrain.errors import PosttrainError, run_cli
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -36,6 +36,7 @@ PREFIXES = ("_orig_mod.", "module.")
 # Buffers, not weights: RoPE tables (HF recomputes them from rope_theta) and the causal mask.
 BUFFER_KEY = re.compile(r"blocks\.\d+\.attn\.(rope\.cos_cached|rope\.sin_cached|bias)")
 REQUIRED_ARGS = ("vocab_size", "n_layer", "n_head", "n_embd", "d_ff", "norm_eps", "rope_theta", "block_size")
+POSITIVE_INTS = ("vocab_size", "n_layer", "n_head", "n_embd", "d_ff", "block_size", "num_key_value_heads")
 # model_args fields whose other values LlamaForCausalLM cannot represent exactly.
 SUPPORTED = {
     "normalization": ("rmsnorm",),
@@ -147,6 +148,8 @@ def load_checkpoint(path: Path) -> dict:
     (a pickle that would import or call anything is refused before it runs)."""
     if not path.is_file():
         raise PosttrainError(f"checkpoint {path} does not exist")
+    if path.stat().st_size == 0:
+        raise PosttrainError(f"checkpoint {path}: file is empty")
     try:
         ckpt = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
     except pickle.UnpicklingError as err:
@@ -181,6 +184,13 @@ def check_model_args(model_args: dict, path: Path) -> dict:
                 f"(LlamaForCausalLM can represent only {' or '.join(map(repr, accepted))})"
             )
     a["num_key_value_heads"] = a.get("num_key_value_heads") or a["n_head"]
+    for field in POSITIVE_INTS:
+        if type(a[field]) is not int or a[field] < 1:
+            raise PosttrainError(f"{path}: model_args['{field}'] = {a[field]!r} is not a positive integer")
+    for field, word in (("norm_eps", "non-negative"), ("rope_theta", "positive")):
+        value = a[field]
+        if type(value) not in (int, float) or not (value > 0 or (value == 0 and field == "norm_eps")):
+            raise PosttrainError(f"{path}: model_args['{field}'] = {value!r} is not a {word} number")
     E, H, KV = a["n_embd"], a["n_head"], a["num_key_value_heads"]
     if E % H or (E // H) % 2 or H % KV:
         raise PosttrainError(
@@ -210,13 +220,20 @@ def check_rope_table(cos_cached: torch.Tensor | None, a: dict, path: Path) -> No
 
 
 def source_weights(state_dict: dict, a: dict, path: Path) -> dict[str, torch.Tensor]:
-    """Strip prefixes, drop buffers, and check every key and shape against model_args."""
-    weights, buffers = {}, {}
+    """Strip prefixes, drop buffers, and check every key, type and shape against model_args."""
+    weights, buffers, origin = {}, {}, {}
     for key, tensor in state_dict.items():
         name = key
         while name.startswith(PREFIXES):
             name = name.split(".", 1)[1]
-        (buffers if BUFFER_KEY.fullmatch(name) else weights)[name] = tensor
+        if name in origin:
+            raise PosttrainError(f"{path}: model keys '{origin[name]}' and '{key}' are both '{name}' without their prefixes")
+        origin[name] = key
+        is_buffer = BUFFER_KEY.fullmatch(name)
+        if not isinstance(tensor, torch.Tensor) or not (is_buffer or tensor.is_floating_point()):
+            kind = f"a {tensor.dtype} tensor" if isinstance(tensor, torch.Tensor) else f"a {type(tensor).__name__}"
+            raise PosttrainError(f"{path}: model['{key}'] is {kind}, not a floating-point tensor")
+        (buffers if is_buffer else weights)[name] = tensor
     check_rope_table(buffers.get("blocks.0.attn.rope.cos_cached"), a, path)
     expected = source_shapes(a)
     if a["weight_tying"]:
@@ -238,23 +255,11 @@ def source_weights(state_dict: dict, a: dict, path: Path) -> dict[str, torch.Ten
     return weights
 
 
-def load_tokenizer(tokenizer_dir: Path, vocab_size: int):
-    from transformers import AutoTokenizer
-
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    except (OSError, ValueError) as err:
-        raise PosttrainError(f"tokenizer {tokenizer_dir} cannot be loaded: {str(err).splitlines()[0]}") from None
-    vocab = tokenizer.get_vocab()
-    missing = [t for t in SPECIAL_TOKENS if t not in vocab]
-    if missing:
-        raise PosttrainError(f"tokenizer {tokenizer_dir} lacks the special tokens {missing}")
+def check_vocab(tokenizer, tokenizer_dir: Path, vocab_size: int) -> None:
     if len(tokenizer) > vocab_size:
         raise PosttrainError(
             f"tokenizer {tokenizer_dir} has {len(tokenizer)} tokens but the model's vocab_size is {vocab_size}"
         )
-    install_chat_template(tokenizer)
-    return tokenizer
 
 
 # ---------------------------------------------------------------- writing the model
@@ -367,11 +372,13 @@ def convert_checkpoint(
     ckpt_path, tokenizer_dir, output_dir = Path(ckpt_path), Path(tokenizer_dir), Path(output_dir)
     if dtype not in DTYPES:
         raise PosttrainError(f"dtype {dtype!r} is not one of {sorted(DTYPES)}")
-    check_output_dir(output_dir, overwrite)
+    inputs = (ckpt_path, tokenizer_dir)
+    check_output_dir(output_dir, overwrite, inputs)
+    tokenizer = load_chat_tokenizer(tokenizer_dir)  # before the checkpoint: a typo fails in a second
     ckpt = load_checkpoint(ckpt_path)
     a = check_model_args(ckpt["model_args"], ckpt_path)
     weights = source_weights(ckpt["model"], a, ckpt_path)
-    tokenizer = load_tokenizer(tokenizer_dir, a["vocab_size"])
+    check_vocab(tokenizer, tokenizer_dir, a["vocab_size"])
     table = weight_table(a)
 
     report = {
@@ -383,7 +390,7 @@ def convert_checkpoint(
         "verification": None,
     }
     reference = reference_for_verify(weights, a, DTYPES[dtype]) if verify else None
-    with atomic_output_dir(output_dir, overwrite=overwrite) as tmp:
+    with atomic_output_dir(output_dir, overwrite=overwrite, inputs=inputs) as tmp:
         report["shards"] = write_shards(tmp, weights, table, DTYPES[dtype])
         del ckpt, weights  # unmap the source before verify loads an fp32 copy of the model
         config = llama_config(a, tokenizer, dtype)

@@ -254,17 +254,21 @@ def test_the_code_running_pickle_does_run_code_when_loaded_unsafely(tmp_path):
     assert (tmp_path / "PWNED").exists()
 
 
-def drop_final_norm(state_dict):
-    del state_dict["_orig_mod.final_norm.weight"]
+def drop_final_norm(ckpt):
+    del ckpt["model"]["_orig_mod.final_norm.weight"]
 
 
-def add_bias(state_dict):
-    state_dict["_orig_mod.blocks.0.attn.c_proj.bias"] = torch.zeros(96)
+def set_weight(key, value):
+    return lambda ckpt: ckpt["model"].update({key: value})
 
 
-def rope_of_another_theta(state_dict):
+def set_model_arg(field, value):
+    return lambda ckpt: ckpt["model_args"].update({field: value})
+
+
+def rope_of_another_theta(ckpt):
     cos, _ = fixtures._rope_tables(256, 24, theta=1e6)  # model_args say 1e4
-    state_dict["_orig_mod.blocks.0.attn.rope.cos_cached"] = cos
+    ckpt["model"]["_orig_mod.blocks.0.attn.rope.cos_cached"] = cos
 
 
 @pytest.mark.parametrize(
@@ -276,18 +280,64 @@ def rope_of_another_theta(state_dict):
         (dict(ffn_type="mlp"), None, "model_args['ffn_type'] = 'mlp'"),
         (dict(activation="gelu"), None, "model_args['activation'] = 'gelu'"),
         ({}, drop_final_norm, "missing weight 'final_norm.weight'"),
-        ({}, add_bias, "unexpected weight 'blocks.0.attn.c_proj.bias'"),
+        ({}, set_weight("_orig_mod.blocks.0.attn.c_proj.bias", torch.zeros(96)),
+         "unexpected weight 'blocks.0.attn.c_proj.bias'"),
         ({}, rope_of_another_theta, "'blocks.0.attn.rope.cos_cached' [256, 12] is not the RoPE table of rope_theta=10000.0"),
+        ({}, set_model_arg("n_head", 0), "model_args['n_head'] = 0 is not a positive integer"),
+        ({}, set_model_arg("n_embd", "96"), "model_args['n_embd'] = '96' is not a positive integer"),
+        ({}, set_model_arg("rope_theta", "1e4"), "model_args['rope_theta'] = '1e4' is not a positive number"),
+        ({}, set_weight("_orig_mod.blocks.0.norm1.weight", [1.0] * 96),
+         "model['_orig_mod.blocks.0.norm1.weight'] is a list, not a floating-point tensor"),
+        ({}, set_weight("_orig_mod.final_norm.weight", torch.ones(96, dtype=torch.int64)),
+         "model['_orig_mod.final_norm.weight'] is a torch.int64 tensor, not a floating-point tensor"),
+        ({}, set_weight("module.blocks.0.norm1.weight", torch.ones(96)),
+         "model keys '_orig_mod.blocks.0.norm1.weight' and 'module.blocks.0.norm1.weight' are both 'blocks.0.norm1.weight'"),
     ],
-)
-def test_unrepresentable_architecture_or_keys_are_refused(tmp_path, tokenizer_dir, args, edit, fragment):
+    ids=["post_norm", "learned_positions", "bias", "mlp", "gelu", "no_final_norm", "extra_bias", "rope_theta_table",
+         "n_head_0", "n_embd_str", "rope_theta_str", "list_weight", "int_weight", "prefix_collision"],
+)  # fmt: skip
+def test_unrepresentable_architecture_keys_or_values_are_refused(tmp_path, tokenizer_dir, args, edit, fragment):
     """The same checks as the CLI cases above, in-process (cheaper than a process each)."""
     path = fixtures.write_source_checkpoint(tmp_path / "c.pt", fixtures.tiny_model_args(**args), with_optimizer=False)
     if edit:
         ckpt = torch.load(path, weights_only=True)
-        edit(ckpt["model"])
+        edit(ckpt)
         torch.save(ckpt, path)
     with pytest.raises(PosttrainError) as err:
         convert.convert_checkpoint(path, tokenizer_dir, tmp_path / "out")
     assert fragment in str(err.value)
     assert [p.name for p in tmp_path.iterdir()] == ["c.pt"]
+
+
+def test_an_empty_checkpoint_and_a_missing_tokenizer_are_named_before_any_loading(tmp_path, tokenizer_dir):
+    (tmp_path / "empty.pt").touch()
+    with pytest.raises(PosttrainError, match=r"empty.pt: file is empty$"):
+        convert.convert_checkpoint(tmp_path / "empty.pt", tokenizer_dir, tmp_path / "out")
+    # checked before the checkpoint is read, and never tried as a hub repository
+    with pytest.raises(PosttrainError, match=r"^tokenizer directory qwen3_tokenizer not found$"):
+        convert.convert_checkpoint(tmp_path / "no_such.pt", "qwen3_tokenizer", tmp_path / "out")
+    (tmp_path / "broken_tok").mkdir()
+    (tmp_path / "broken_tok" / "tokenizer.json").write_text("{not json")
+    with pytest.raises(PosttrainError, match=r"^tokenizer .*broken_tok cannot be loaded \(JSONDecodeError"):
+        convert.convert_checkpoint(tmp_path / "no_such.pt", tmp_path / "broken_tok", tmp_path / "out")
+
+
+def test_overwrite_refuses_an_output_dir_holding_the_inputs(source_checkpoint, tokenizer_dir, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(tokenizer_dir, run / "tok")
+    shutil.copy(source_checkpoint, run / "ckpt_000100.pt")
+    with pytest.raises(PosttrainError, match=r"^input .*ckpt_000100.pt is inside the output directory .*run, which is"):
+        convert.convert_checkpoint(run / "ckpt_000100.pt", run / "tok", run, overwrite=True)
+    assert sorted(p.name for p in run.iterdir()) == ["ckpt_000100.pt", "tok"]
+
+
+def test_output_dir_dot_is_the_current_directory(source_checkpoint, tokenizer_dir, tmp_path, monkeypatch):
+    work = tmp_path / "empty"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    report = convert.convert_checkpoint(source_checkpoint, tokenizer_dir, ".", dtype="float32")
+    assert report["shards"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["empty"]  # no temporary sibling left
+    assert AutoModelForCausalLM.from_pretrained(work).config.num_hidden_layers == 2
