@@ -3,7 +3,10 @@
 {"prompt": [system, user, ...], "chosen": [assistant], "rejected": [assistant]} plus meta.json.
 
     python data_scripts/prepare_dpo.py --dataset ultrafeedback --output-dir data/dpo_ultrafeedback \\
-        --tokenizer qwen3_tokenizer --max-length 2048
+        --tokenizer runs/converted --max-length 2048
+
+--tokenizer is the converted model directory: prompt_too_long and the token statistics are
+measured with the ChatML template training uses (another template is replaced, with a note).
 """
 
 from __future__ import annotations

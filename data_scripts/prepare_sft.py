@@ -2,7 +2,10 @@
 """SFT data: a hub dataset or local files in its schema -> train.jsonl / test.jsonl of
 {"messages": [system, user, assistant, ...]} plus meta.json (counts, drops, token statistics).
 
-    python data_scripts/prepare_sft.py --dataset alpaca --output-dir data/sft_alpaca --tokenizer qwen3_tokenizer
+    python data_scripts/prepare_sft.py --dataset alpaca --output-dir data/sft_alpaca --tokenizer runs/converted
+
+--tokenizer is the converted model directory: its tokenizer carries the ChatML training
+template (another template, such as a raw Qwen3 tokenizer's, is replaced, with a note).
 """
 
 from __future__ import annotations

@@ -34,6 +34,49 @@ def check_jsonl(path: str | Path) -> None:
                 raise PosttrainError(f"{path} line {lineno}: expected a JSON object, got {type(row).__name__}")
 
 
+def _first_char(path: str | Path) -> str:
+    """The first non-space character of a text file ('' if it has none)."""
+    with open(path, encoding="utf-8") as fh:
+        while chunk := fh.read(1 << 16):
+            if stripped := chunk.lstrip():
+                return stripped[0]
+    return ""
+
+
+def _is_json_document(path: Path) -> bool:
+    try:
+        with open(path, encoding="utf-8") as fh:
+            json.load(fh)
+    except json.JSONDecodeError:
+        return False
+    return True
+
+
+def check_json_file(path: str | Path) -> None:
+    """Fail on an empty file, or on the first malformed line of a JSON Lines file, naming
+    file and line. A `.json` file starting with `[` is an array that must parse (datasets'
+    own error names no line); any other `.json` file is JSON Lines, unless it is one valid
+    JSON document (a metadata file, say), which is left to datasets."""
+    path = Path(path)
+    try:
+        first = _first_char(path)
+        if not first:
+            raise PosttrainError(f"{path}: file is empty")
+        if path.suffix == ".json" and first == "[":
+            with open(path, encoding="utf-8") as fh:
+                json.load(fh)
+            return
+        try:
+            check_jsonl(path)
+        except PosttrainError:  # read the whole file only when it is not clean JSON Lines
+            if path.suffix == ".jsonl" or not _is_json_document(path):
+                raise
+    except json.JSONDecodeError as err:
+        raise PosttrainError(f"{path} line {err.lineno}: malformed JSON ({err.msg})") from None
+    except UnicodeDecodeError as err:
+        raise PosttrainError(f"{path}: not UTF-8 text ({err.reason})") from None
+
+
 def _local_data_files(path: Path) -> tuple[str, dict[str, str]] | None:
     """(builder, {split: file}) for a local file or data_scripts directory, else None (a hub id)."""
     if path.is_dir():
@@ -42,13 +85,13 @@ def _local_data_files(path: Path) -> tuple[str, dict[str, str]] | None:
         if "train" not in files:
             raise PosttrainError(f"dataset directory {path} has no train.jsonl (write one with data_scripts/)")
         for f in files.values():
-            check_jsonl(f)
+            check_json_file(f)
         return "json", {s: str(f) for s, f in files.items()}
     if path.suffix in _BUILDERS:
         if not path.exists():
             raise PosttrainError(f"dataset file {path} not found")
-        if path.suffix == ".jsonl":
-            check_jsonl(path)
+        if path.suffix in (".jsonl", ".json"):
+            check_json_file(path)
         return _BUILDERS[path.suffix], {"train": str(path)}
     return None
 

@@ -25,7 +25,8 @@ from typing import Callable
 
 from posttrain import prep_adapters as adapters
 from posttrain.atomic import atomic_output_dir, check_output_dir
-from posttrain.data import check_jsonl, load_source
+from posttrain.chat_template import load_chat_tokenizer
+from posttrain.data import check_json_file, load_source
 from posttrain.errors import PosttrainError, run_cli
 
 
@@ -87,7 +88,11 @@ def parse_args(kind: Kind, sources: dict[str, Source], argv=None, description: s
         f"(default {kind.val_split})",
     )
     p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--tokenizer", help="tokenizer directory: token statistics with the chat template in meta.json")
+    p.add_argument(
+        "--tokenizer",
+        help="tokenizer directory, e.g. the converted model (runs/converted): token statistics in meta.json, "
+        "measured with the ChatML training template",
+    )
     p.add_argument("--max-length", type=int, default=2048, help="with --tokenizer: the training sequence length")
     p.add_argument("--num-proc", type=int, default=1, help="worker processes for the batched maps")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --output-dir")
@@ -112,14 +117,20 @@ def load_splits(source: Source, args):
             if Path(f).suffix not in (".jsonl", ".json", ".parquet"):
                 raise PosttrainError(f"--data-files {f}: expected .jsonl, .json or .parquet files, or one directory")
         parts = [load_source(f, split="train") for f in args.data_files]
+        for f, part in zip(args.data_files[1:], parts[1:]):
+            if set(part.column_names) != set(parts[0].column_names):
+                raise PosttrainError(
+                    f"--data-files {args.data_files[0]} and {f} have different columns "
+                    f"({', '.join(parts[0].column_names)} vs {', '.join(part.column_names)})"
+                )
         try:
             return datasets.concatenate_datasets(parts), None
         except ValueError as err:
             raise PosttrainError(f"--data-files do not share one schema ({err})".splitlines()[0]) from None
     if args.data_files:  # a local copy of the hub repository
         path = args.data_files[0]
-        for f in sorted(Path(path).rglob("*.jsonl")):
-            check_jsonl(f)
+        for f in sorted(p for p in Path(path).rglob("*") if p.suffix in (".jsonl", ".json")):
+            check_json_file(f)
         available = datasets.get_dataset_split_names(path, source.config)
         if source.train_split not in available:
             raise PosttrainError(f"{path} has no split {source.train_split!r} (it has {', '.join(available)})")
@@ -133,23 +144,6 @@ def load_splits(source: Source, args):
         return tuple(datasets.load_dataset(path, source.config, split=s) if s else None for s in (source.train_split, test))
     except Exception as err:  # unreachable hub, a schema clash between files, a corrupt parquet file
         raise PosttrainError(f"dataset {path}: cannot be loaded ({type(err).__name__}: {err})".splitlines()[0]) from None
-
-
-def load_tokenizer(path: str):
-    """The tokenizer the trainers will use; the ChatML template is installed if it has none."""
-    from transformers import AutoTokenizer
-
-    from posttrain.chat_template import install_chat_template
-
-    if not Path(path).is_dir():
-        raise PosttrainError(f"tokenizer directory {path} not found")
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    if tokenizer.chat_template is None:
-        try:
-            install_chat_template(tokenizer)
-        except ValueError as err:
-            raise PosttrainError(f"tokenizer {path} has no chat template and {err}") from None
-    return tokenizer
 
 
 # -------------------------------------------------------------------------- clean
@@ -275,15 +269,21 @@ def token_stats(lengths: list[int], max_length: int) -> dict:
 
 
 def split(train, test, args):
-    """Seeded shuffle, --max-samples, and the test rows: from the source's test split when it has one."""
+    """Seeded shuffle, --max-samples, and the test rows: from the source's test split when it has one.
+
+    Returns (train, test, unused): unused counts the clean rows left out, past --max-samples or
+    past the test rows --val-split asks of a source test split."""
+    clean_rows = len(train) + (len(test) if test is not None else 0)
     train = train.shuffle(seed=args.seed)
     if args.max_samples is not None:
         train = train.select(range(min(args.max_samples, len(train))))
     n_test = round(len(train) * args.val_split)
     if test is None:
-        return train.select(range(n_test, len(train))), train.select(range(n_test))
-    test = test.shuffle(seed=args.seed)
-    return train, test.select(range(min(n_test, len(test))))
+        train, test = train.select(range(n_test, len(train))), train.select(range(n_test))
+    else:
+        test = test.shuffle(seed=args.seed)
+        test = test.select(range(min(n_test, len(test))))
+    return train, test, clean_rows - len(train) - len(test)
 
 
 def write_jsonl(path: Path, dataset, columns) -> None:
@@ -309,9 +309,10 @@ def _no_map_cache():
 
 def prepare(kind: Kind, sources: dict[str, Source], args) -> dict:
     """Run the whole preparation; returns meta (also written as meta.json)."""
-    check_output_dir(args.output_dir, args.overwrite)
+    inputs = [*(args.data_files or ()), *([args.tokenizer] if args.tokenizer else ())]
+    check_output_dir(args.output_dir, args.overwrite, inputs)
     source = sources[args.dataset]
-    tokenizer = load_tokenizer(args.tokenizer) if args.tokenizer else None
+    tokenizer = load_chat_tokenizer(args.tokenizer) if args.tokenizer else None
     raw_train, raw_test = load_splits(source, args)
 
     dropped, seen = Counter(dict.fromkeys(kind.drop_reasons, 0)), set()
@@ -320,7 +321,7 @@ def prepare(kind: Kind, sources: dict[str, Source], args) -> dict:
     if raw_test is not None:
         n_test_source, test = clean(raw_test, source, kind, args, dropped, seen)
         n_source += n_test_source
-    train, test = split(train, test, args)
+    train, test, unused = split(train, test, args)
     if tokenizer is not None:  # after the split: only rows that are written are tokenized
         train, test = (add_lengths(ds, tokenizer, kind, args, dropped) for ds in (train, test))
     if len(train) == 0:
@@ -338,7 +339,14 @@ def prepare(kind: Kind, sources: dict[str, Source], args) -> dict:
         "seed": args.seed,
         "max_samples": args.max_samples,
         "val_split": args.val_split,
-        "counts": {"source_rows": n_source, "dropped": sum(dropped.values()), "train": len(train), "test": len(test)},
+        # source_rows = dropped + unused + train + test
+        "counts": {
+            "source_rows": n_source,
+            "dropped": sum(dropped.values()),
+            "unused": unused,
+            "train": len(train),
+            "test": len(test),
+        },
         "dropped": dict(dropped),
     }
     if tokenizer is not None:
@@ -347,7 +355,7 @@ def prepare(kind: Kind, sources: dict[str, Source], args) -> dict:
             meta["tokens"][name] = {
                 col[1:]: token_stats(ds[col][:], args.max_length) for col in ("_prompt", "_sequence") if col in ds.column_names
             }
-    with atomic_output_dir(args.output_dir, overwrite=args.overwrite) as tmp:
+    with atomic_output_dir(args.output_dir, overwrite=args.overwrite, inputs=inputs) as tmp:
         write_jsonl(tmp / "train.jsonl", train, kind.columns)
         if len(test):
             write_jsonl(tmp / "test.jsonl", test, kind.columns)
@@ -363,6 +371,10 @@ def main(kind: Kind, sources: dict[str, Source], argv=None, description: str | N
         with _no_map_cache():
             meta = prepare(kind, sources, args)
         c = meta["counts"]
-        print(f"{args.output_dir}: {c['train']} train, {c['test']} test rows; dropped {c['dropped']} of {c['source_rows']}")
+        print(
+            f"{args.output_dir}: {c['train']} train, {c['test']} test rows; dropped {c['dropped']}"
+            + (f", left {c['unused']} unused" if c["unused"] else "")
+            + f" of {c['source_rows']}"
+        )
 
     run_cli(run)

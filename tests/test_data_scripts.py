@@ -39,7 +39,10 @@ def run(script, tmp_path, dataset, data, *extra, out="out"):
         data = write_jsonl(tmp_path / f"{dataset}.jsonl", data)
     out = tmp_path / out
     script.main(["--dataset", dataset, "--data-files", str(data), "--output-dir", str(out), "--val-split", "0", *extra])
-    return read_rows(out), json.loads((out / "meta.json").read_text())
+    meta = json.loads((out / "meta.json").read_text())
+    c = meta["counts"]
+    assert c["source_rows"] == c["dropped"] + c["unused"] + c["train"] + c["test"], c  # every source row accounted for
+    return read_rows(out), meta
 
 
 def read_rows(out: Path, split: str | None = None) -> list[dict]:
@@ -90,7 +93,7 @@ def test_alpaca_input_format_and_drops(tmp_path):
         sft("Translate to French.\n\nInput:\nGood morning", "Bonjour"),
     ])  # fmt: skip
     assert dropped(meta) == {"empty_or_missing_field": 1, "empty_final_assistant_turn": 1, "duplicate": 1}
-    assert meta["counts"] == {"source_rows": 5, "dropped": 3, "train": 2, "test": 0}
+    assert meta["counts"] == {"source_rows": 5, "dropped": 3, "unused": 0, "train": 2, "test": 0}
     assert meta["source"] == {"data_files": [str(tmp_path / "alpaca.jsonl")]}
     validate_sft_rows(load_source(str(tmp_path / "out"), split="train"), "out")  # what sft.py checks first
 
@@ -149,6 +152,8 @@ def test_ultrachat_uses_train_sft_and_test_sft_multi_turn(tmp_path):
         sft("What is 2+2?", "4."),
     ])  # fmt: skip
     assert read_rows(tmp_path / "out", "test") == [sft("Who wrote Hamlet?", "Shakespeare.", "When?", "Around 1600.")]
+    _, meta = run(SFT_SCRIPT, tmp_path, "ultrachat", repo, out="no_test")  # test_sft rows left out are counted
+    assert meta["counts"] == {"source_rows": 3, "dropped": 0, "unused": 1, "train": 2, "test": 0}
 
 
 def test_slimorca_and_sharegpt_roles(tmp_path):
@@ -361,7 +366,7 @@ def test_same_seed_same_bytes_and_max_samples(tmp_path):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
     assert (tmp_path / "a" / "train.jsonl").read_bytes() != (tmp_path / "c" / "train.jsonl").read_bytes()
     meta = json.loads((tmp_path / "a" / "meta.json").read_text())
-    assert meta["counts"] == {"source_rows": 20, "dropped": 0, "train": 8, "test": 2}
+    assert meta["counts"] == {"source_rows": 20, "dropped": 0, "unused": 10, "train": 8, "test": 2}
     train, test = read_rows(tmp_path / "a", "train"), read_rows(tmp_path / "a", "test")
     assert not {json.dumps(r) for r in train} & {json.dumps(r) for r in test}
 
@@ -386,6 +391,89 @@ def test_a_local_only_name_without_files_is_an_error(tmp_path, capsys):
     assert exc.value.code == 2
     assert capsys.readouterr().err.strip() == "error: --dataset preference reads local files: pass --data-files"
     assert not (tmp_path / "out").exists()
+
+
+def error_of(script, capsys, *argv) -> str:
+    """The one error line (exit 2) of an in-process run."""
+    with pytest.raises(SystemExit) as exc:
+        script.main(list(map(str, argv)))
+    err = capsys.readouterr().err.splitlines()  # after any progress bars of datasets
+    assert exc.value.code == 2 and [ln for ln in err if ln.startswith("error")] == err[-1:], err
+    return err[-1]
+
+
+ALPACA_LINE = '{"instruction": "a", "input": "", "output": "b"}\n'
+
+
+@pytest.mark.parametrize(
+    "name, text, message",
+    [
+        ("rows.json", ALPACA_LINE + '{"instruction": "c", "output": \n', "line 2: malformed JSON (Expecting value)"),
+        ("rows.json", '[\n  {"instruction": "a", "input": "", "output": "b"},\n  {"instruction": \n]\n',
+         "line 4: malformed JSON (Expecting value)"),
+        ("rows.jsonl", "\n  \n", ": file is empty"),
+    ],
+    ids=["json_lines_in_json", "json_array", "empty"],
+)  # fmt: skip
+def test_bad_json_files_name_the_file_and_line(tmp_path, capsys, name, text, message):
+    bad = tmp_path / name
+    bad.write_text(text)
+    err = error_of(SFT_SCRIPT, capsys, "--dataset", "alpaca", "--data-files", bad, "--output-dir", tmp_path / "out")
+    assert err == f"error: {bad}{' ' if message.startswith('line') else ''}{message}"
+    assert list(tmp_path.iterdir()) == [bad]
+
+
+def test_a_json_array_file_loads(tmp_path):
+    data = tmp_path / "alpaca.json"
+    data.write_text(json.dumps([json.loads(ALPACA_LINE)], indent=2))
+    out, _ = run(SFT_SCRIPT, tmp_path, "alpaca", data)
+    assert out == [sft("a", "b")]
+
+
+def test_files_of_different_schemas_are_not_concatenated(tmp_path, capsys):
+    alpaca = write_jsonl(tmp_path / "alpaca.jsonl", [json.loads(ALPACA_LINE)])
+    dolly = write_jsonl(tmp_path / "dolly.jsonl", [{"instruction": "a", "context": "", "response": "b"}])
+    err = error_of(SFT_SCRIPT, capsys, "--dataset", "alpaca", "--data-files", alpaca, dolly, "--output-dir", tmp_path / "o")
+    assert err == f"error: --data-files {alpaca} and {dolly} have different columns (instruction, input, output vs instruction, context, response)"
+
+
+def test_overwrite_never_deletes_the_data_files(tmp_path, capsys):
+    data = write_jsonl(tmp_path / "data" / "alpaca.jsonl", [json.loads(ALPACA_LINE)])
+    err = error_of(SFT_SCRIPT, capsys, "--dataset", "alpaca", "--data-files", data, "--output-dir", data.parent, "--overwrite")
+    assert err.startswith(f"error: input {data} is inside the output directory {data.parent}, which is replaced")
+    assert data.read_text() == ALPACA_LINE
+
+
+def test_output_dir_dot(tmp_path, monkeypatch):
+    data = write_jsonl(tmp_path / "alpaca.jsonl", [json.loads(ALPACA_LINE)])
+    (tmp_path / "out").mkdir()
+    monkeypatch.chdir(tmp_path / "out")
+    SFT_SCRIPT.main(["--dataset", "alpaca", "--data-files", str(data), "--output-dir", "."])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["alpaca.jsonl", "out"]
+    assert read_rows(tmp_path / "out") == [sft("a", "b")]
+
+
+def test_tokenizer_that_cannot_be_loaded_is_one_line(tmp_path, capsys):
+    data = write_jsonl(tmp_path / "alpaca.jsonl", [json.loads(ALPACA_LINE)])
+    (tmp_path / "tok").mkdir()
+    (tmp_path / "tok" / "tokenizer_config.json").write_text("{}")
+    err = error_of(SFT_SCRIPT, capsys, "--dataset", "alpaca", "--data-files", data, "--output-dir", tmp_path / "o",
+                   "--tokenizer", tmp_path / "tok")  # fmt: skip
+    assert err.startswith(f"error: tokenizer {tmp_path / 'tok'} cannot be loaded (")
+
+
+def test_a_tokenizer_with_its_own_template_is_measured_with_the_training_template(tmp_path, tokenizer_dir, capsys):
+    """A raw Qwen3 tokenizer carries Qwen3's template; counts must be those of the ChatML template training uses."""
+    from transformers import AutoTokenizer
+
+    base = AutoTokenizer.from_pretrained(tokenizer_dir)
+    own = AutoTokenizer.from_pretrained(tokenizer_dir)
+    own.chat_template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    own.save_pretrained(tmp_path / "qwen3_tokenizer")
+    expected = len(base(_chatml(sft("a", "b")["messages"]), add_special_tokens=False)["input_ids"])
+    _, meta = run(SFT_SCRIPT, tmp_path, "alpaca", [json.loads(ALPACA_LINE)], "--tokenizer", str(tmp_path / "qwen3_tokenizer"))
+    assert meta["tokens"]["train"]["sequence"]["total"] == expected
+    assert "its own chat template was replaced by the ChatML training template" in capsys.readouterr().err
 
 
 # --------------------------------------------------------------------------- training
