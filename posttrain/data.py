@@ -93,7 +93,24 @@ def _local_data_files(path: Path) -> tuple[str, dict[str, str]] | None:
         if path.suffix in (".jsonl", ".json"):
             check_json_file(path)
         return _BUILDERS[path.suffix], {"train": str(path)}
+    if path.exists():
+        raise PosttrainError(f"dataset {path}: not a .jsonl/.json/.parquet file or a data_scripts directory")
+    if path.is_absolute() or str(path).startswith((".", "~")):
+        raise PosttrainError(f"dataset {path} not found (prepare it with data_scripts/prepare_*.py)")
     return None
+
+
+def _load_hub(path: str, **kwargs):
+    """`datasets.load_dataset` of a hub id; a name that is neither local nor reachable is one line."""
+    import datasets
+
+    try:
+        return datasets.load_dataset(path, **kwargs)
+    except Exception as err:  # ConnectionError offline, DatasetNotFoundError, FileNotFoundError
+        raise PosttrainError(
+            f"dataset {path}: no such local file or directory, and not loadable as a hub dataset "
+            f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
+        ) from None
 
 
 def load_source(path: str, name: str | None = None, split: str | None = None, streaming: bool = False):
@@ -105,7 +122,7 @@ def load_source(path: str, name: str | None = None, split: str | None = None, st
 
     local = _local_data_files(Path(path))
     if local is None:
-        return datasets.load_dataset(path, name=name, split=split, streaming=streaming)
+        return _load_hub(path, name=name, split=split, streaming=streaming)
     builder, files = local
     try:
         ds = datasets.load_dataset(builder, data_files=files, streaming=streaming)
@@ -133,6 +150,8 @@ def load_train_eval(script_args, mixture_args, want_eval: bool):
                 if cfg.split not in files:
                     raise PosttrainError(f"dataset {cfg.path} has no split {cfg.split!r}")
                 cfg = dataclasses.replace(cfg, path=builder, data_files=files[cfg.split], split="train")
+            else:  # a hub id: fail here, in one line, if it cannot be loaded
+                _load_hub(cfg.path, name=cfg.name, split=cfg.split, streaming=True)
             resolved.append(cfg)
         dsd = get_dataset(dataclasses.replace(mixture_args, datasets=resolved))
         train_split, test_split = "train", "test"

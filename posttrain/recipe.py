@@ -54,9 +54,17 @@ def parse_recipe(dataclass_types: Sequence[type], argv: Sequence[str] | None = N
     from trl import TrlParser
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and not argv[0].startswith("-") and argv[0].endswith((".yaml", ".yml")):
+    if not argv:
+        raise PosttrainError("usage: RECIPE.yaml [--key value ...]  (or --help for every key)")
+    if not argv[0].startswith("-") and argv[0].endswith((".yaml", ".yml")):
         argv = ["--config", argv[0], *argv[1:]]
     parser = TrlParser(list(dataclass_types))
+    where = f"recipe {argv[argv.index('--config') + 1]} or the command line" if "--config" in argv[:-1] else "the command line"
+
+    def one_line_error(message: str):  # argparse would print the whole usage (~150 lines) first
+        raise PosttrainError(f"{message} (in {where})")
+
+    parser.error = one_line_error
     if defaults:
         parser.set_defaults_with_config(**defaults)
     if "--config" in argv:
@@ -73,13 +81,11 @@ def parse_recipe(dataclass_types: Sequence[type], argv: Sequence[str] | None = N
             )
     try:
         return parser.parse_args_and_config(args=argv)
-    except ValueError as err:
+    except (ValueError, TypeError) as err:  # a dataclass rejected a value, or a `datasets:` entry a key
         msg = str(err)
         if "not used by the HfArgumentParser" in msg:
             raise PosttrainError(f"unknown command-line argument(s): {msg.split(':', 1)[1].strip()}") from None
-        raise PosttrainError(msg) from None
-    except SystemExit as err:  # argparse already printed a one-line usage error
-        raise SystemExit(err.code if err.code else 2) from None
+        raise PosttrainError(f"{msg.splitlines()[0] if msg else type(err).__name__} (in {where})") from None
 
 
 def _plain(value):
@@ -122,10 +128,24 @@ def resolved_recipe(*configs) -> dict:
     return merged
 
 
-def save_resolved_recipe(output_dir: str | Path, *configs) -> Path:
-    """Write the resolved recipe as YAML next to the model: rerunnable with `sft.py THIS.yaml`."""
+def explicit_keys(argv: Sequence[str] | None = None) -> set[str]:
+    """The keys a user set: those of the recipe YAML and the `--key` flags of the command line."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    keys = {a[2:].split("=", 1)[0] for a in argv if a.startswith("--") and a != "--config"}
+    path = argv[argv.index("--config") + 1] if "--config" in argv[:-1] else argv[0] if argv and argv[0].endswith((".yaml", ".yml")) else None
+    return keys | (set(_read_yaml(path)) if path else set())
+
+
+def save_resolved_recipe(output_dir: str | Path, *configs, launch: dict | None = None) -> Path:
+    """Write the resolved recipe as YAML next to the model: rerunnable with `sft.py THIS.yaml`.
+
+    `launch` (processes, distributed type, ZeRO stage, precision) is recorded as a comment
+    header: it comes from the accelerate config, not the recipe, but the effective batch
+    depends on it."""
     path = Path(output_dir) / RESOLVED_RECIPE_NAME
     text = "# Every effective setting of this run; rerun with: accelerate launch posttrain/<stage>.py " + path.name + "\n"
+    for key, value in (launch or {}).items():
+        text += f"# launched with {key}: {value}\n"
     text += yaml.safe_dump(resolved_recipe(*configs), sort_keys=True)
     atomic_write_text(path, text)
     return path

@@ -27,7 +27,7 @@ import trl
 
 from posttrain.chat_template import IM_END
 from posttrain.errors import PosttrainError
-from posttrain.recipe import RESOLVED_RECIPE_NAME, parse_recipe, save_resolved_recipe
+from posttrain.recipe import RESOLVED_RECIPE_NAME, explicit_keys, parse_recipe, save_resolved_recipe
 
 logger = logging.getLogger("posttrain")
 
@@ -69,9 +69,32 @@ def launch_defaults() -> dict:
     return {}
 
 
+# Launch defaults this run took (the user set none of these keys): left out of the resolved recipe,
+# which is re-derived at each launch (a CPU run's gloo must not follow its recipe onto GPUs).
+_applied_launch_defaults: dict = {}
+
+
 def parse(config_cls: type, argv=None):
     """(script_args, training_args, model_args, dataset_args) from `RECIPE.yaml [--key value ...]`."""
-    return parse_recipe([ScriptArguments, config_cls, trl.ModelConfig, trl.DatasetMixtureConfig], argv, launch_defaults())
+    defaults = launch_defaults()
+    parsed = parse_recipe([ScriptArguments, config_cls, trl.ModelConfig, trl.DatasetMixtureConfig], argv, defaults)
+    user_keys = explicit_keys(argv)
+    _applied_launch_defaults.clear()
+    _applied_launch_defaults.update({k: v for k, v in defaults.items() if k not in user_keys})
+    return parsed
+
+
+def _launch_summary(accelerator) -> dict:
+    """How the run was launched (from the accelerate config): what the effective batch depends on."""
+    state = accelerator.state
+    summary = {
+        "num_processes": state.num_processes,
+        "distributed_type": str(state.distributed_type).split(".")[-1],
+        "mixed_precision": state.mixed_precision,
+    }
+    if state.deepspeed_plugin is not None:
+        summary["zero_stage"] = state.deepspeed_plugin.zero_stage
+    return summary
 
 
 def setup(training_args) -> None:
@@ -290,10 +313,10 @@ def train_and_save(trainer, resume: str | None, script_args, training_args, mode
         if is_peft_model(model) and script_args.merge_lora_after_training:
             logger.info("merged model saved to %s", _save_merged(trainer, model_args, training_args))
         training_args.resume_from_checkpoint = None  # a rerun from the recipe starts from scratch
-        for key, value in launch_defaults().items():  # re-derived at each launch: a CPU run's gloo
-            if getattr(training_args, key) == value:  # must not follow its recipe onto GPUs
-                setattr(training_args, key, None)
-        save_resolved_recipe(out, script_args, training_args, model_args, dataset_args)
+        for key in _applied_launch_defaults:  # re-derived at each launch, not part of the recipe
+            setattr(training_args, key, None)
+        launch = _launch_summary(trainer.accelerator)
+        save_resolved_recipe(out, script_args, training_args, model_args, dataset_args, launch=launch)
         trainer.accelerator.print(f"saved the model, tokenizer, trainer state and {RESOLVED_RECIPE_NAME} to {out}")
     trainer.accelerator.wait_for_everyone()
     trainer.end()  # finish the trackers, destroy the process group

@@ -219,17 +219,19 @@ def train_under_deepspeed(tmp_path, config, stage, script, recipe, model_dir, da
     state = json.loads((out / "trainer_state.json").read_text())
     assert state["global_step"] == steps
     # The gloo backend this CPU launch needed is re-derived at launch, not baked into the recipe
-    # (rerun on GPUs, it must not force gloo over NCCL).
+    # (rerun on GPUs, it must not force gloo over NCCL); a backend the user named is kept.
     resolved = yaml.safe_load((out / "recipe.resolved.yaml").read_text())
-    assert resolved["ddp_backend"] is None and resolved["max_steps"] == steps
+    assert resolved["ddp_backend"] == ("gloo" if "--ddp_backend" in extra else None)
+    assert resolved["max_steps"] == steps
     return state["log_history"]
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("config, stage", [("zero2.yaml", 2), ("zero3.yaml", 3)])
 def test_sft_under_deepspeed(tmp_path, tiny_model_dir, sft_data_dir, config, stage):
+    named_backend = ("--ddp_backend", "gloo") if stage == 2 else ()  # a user's own choice is kept
     logs = train_under_deepspeed(
-        tmp_path, config, stage, "posttrain/sft.py", "recipes/demo/sft.yaml", tiny_model_dir, sft_data_dir, 4
+        tmp_path, config, stage, "posttrain/sft.py", "recipes/demo/sft.yaml", tiny_model_dir, sft_data_dir, 4, *named_backend
     )
     losses = [e["loss"] for e in logs if "loss" in e]
     assert len(losses) == 4 and losses[-1] < losses[0]

@@ -432,7 +432,10 @@ def test_precompute_under_zero3_on_two_processes(tmp_path, tiny_model_dir, pref_
     cmd = [str(Path(sys.executable).parent / "accelerate"), "launch", "--config_file", str(config), str(DPO_SCRIPT), str(recipe)]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-6000:]
-    assert yaml.safe_load((out / RESOLVED_RECIPE_NAME).read_text())["ddp_backend"] == "gloo"
+    resolved_text = (out / RESOLVED_RECIPE_NAME).read_text()
+    # gloo was this CPU launch's default, not the recipe's: left out so a GPU rerun uses NCCL.
+    assert yaml.safe_load(resolved_text)["ddp_backend"] is None
+    assert "# launched with num_processes: 2\n" in resolved_text and "# launched with zero_stage: 3\n" in resolved_text
     logs = train_logs(out)
     # 7 pairs over 2 processes x 2 per step: 2 steps per epoch (one process alone would need 4).
     assert len(logs) == 4 and logs[1]["epoch"] == pytest.approx(1.0)
