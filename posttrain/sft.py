@@ -17,6 +17,7 @@ What makes this SFT rather than plain language modelling, all TRL features:
   restarting at 0 for each conversation, labels cut at the boundaries). The model sees a
   block-diagonal causal mask because the SFT trainer always calls it with
   `use_cache=False` (with a cache, packed conversations would attend to each other).
+- Conversations longer than `max_length` are dropped, with a printed count, never cut.
 - A mixture of datasets with weights: a `datasets:` list of `{path, split, fraction}`.
 """
 
@@ -28,8 +29,44 @@ import trl
 
 from posttrain import training
 from posttrain.data import validate_sft_rows
+from posttrain.errors import PosttrainError
 
 logger = logging.getLogger("posttrain.sft")
+
+
+class SFTTrainer(trl.SFTTrainer):
+    """TRL's SFTTrainer, dropping and counting conversations longer than `max_length`.
+
+    TRL would cut them: with packing, silently inside the packer. A cut conversation's last
+    assistant turn loses its `<|im_end|>` (or all of its tokens), so the model would learn
+    answers that never stop, the old system's failure. Like axolotl, drop them instead, and
+    say how many (the length is the chat template's, exactly as TRL tokenizes the rows).
+    """
+
+    def _prepare_dataset(self, dataset, processing_class, args, packing, formatting_func, dataset_name):
+        import datasets
+        from accelerate import PartialState
+        from trl.trainer.utils import global_then_local_main_first
+
+        if args.max_length is None or not isinstance(dataset, datasets.Dataset) or "messages" not in dataset.column_names:
+            return super()._prepare_dataset(dataset, processing_class, args, packing, formatting_func, dataset_name)
+        tokenizer = getattr(processing_class, "tokenizer", processing_class)
+
+        def fits(batch) -> list[bool]:
+            ids = tokenizer.apply_chat_template(batch["messages"], tokenize=True, return_dict=False)
+            return [len(x) <= args.max_length for x in ids]
+
+        before = len(dataset)
+        with global_then_local_main_first():  # as TRL's own maps: one process writes the cache
+            dataset = dataset.filter(fits, batched=True, num_proc=args.dataset_num_proc, desc=f"Dropping over-long {dataset_name} conversations")
+        if len(dataset) < before:
+            PartialState().print(
+                f"sft: dropped {before - len(dataset)} of {before} {dataset_name} conversations longer than "
+                f"max_length={args.max_length} tokens (cut, they would lose their final answer or its <|im_end|>)"
+            )
+        if len(dataset) == 0:
+            raise PosttrainError(f"no {dataset_name} conversation fits in max_length={args.max_length}; raise max_length")
+        return super()._prepare_dataset(dataset, processing_class, args, packing, formatting_func, dataset_name)
 
 
 def main(script_args, training_args, model_args, dataset_args) -> None:
@@ -40,7 +77,7 @@ def main(script_args, training_args, model_args, dataset_args) -> None:
 
     # Everything that can be wrong with the inputs fails here, in one line, before the model loads.
     tokenizer = training.load_tokenizer(model_args, training_args, require_generation_markers=training_args.assistant_only_loss)
-    training.train_stage(trl.SFTTrainer, tokenizer, validate_sft_rows, resume, script_args, training_args, model_args, dataset_args)
+    training.train_stage(SFTTrainer, tokenizer, validate_sft_rows, resume, script_args, training_args, model_args, dataset_args)
 
 
 if __name__ == "__main__":

@@ -485,7 +485,8 @@ def train(stage: str, model_dir, data_dir, output_dir) -> list[dict]:
 
     recipe = yaml.safe_load((REPO / "recipes" / "demo" / f"{stage}.yaml").read_text())
     recipe.update(model_name_or_path=str(model_dir), dataset_name=str(data_dir), output_dir=str(output_dir),
-                  report_to="none", max_steps=2, eval_steps=2, save_strategy="no")  # fmt: skip
+                  report_to="none", max_steps=2, eval_steps=2, save_strategy="no",
+                  max_length=256)  # the tiny model's whole context: the multi-turn rows are long  # fmt: skip
     path = Path(output_dir).with_suffix(".yaml")
     path.write_text(yaml.safe_dump(recipe))
     proc = subprocess.run([sys.executable, str(REPO / "posttrain" / f"{stage}.py"), str(path)],

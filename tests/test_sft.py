@@ -51,15 +51,14 @@ def run_sft(*argv):
 
 def make_trainer(recipe: Path, *argv):
     """The SFT trainer exactly as sft.main builds it, without training."""
-    import trl
-
+    from posttrain import sft
     from posttrain.data import validate_sft_rows
 
     script_args, training_args, model_args, dataset_args = parse(recipe, *argv)
     tokenizer = training.load_tokenizer(model_args, training_args)
     train, evaluation = training.load_data(script_args, dataset_args, training_args, validate_sft_rows)
     return training.make_trainer(
-        trl.SFTTrainer, training_args, model_args, train_dataset=train, eval_dataset=evaluation, processing_class=tokenizer
+        sft.SFTTrainer, training_args, model_args, train_dataset=train, eval_dataset=evaluation, processing_class=tokenizer
     )
 
 
@@ -115,6 +114,23 @@ def test_labels_of_a_two_turn_conversation(tmp_path, tiny_model_dir, sft_data_di
     assert tok.decode(trained) == a1 + IM_END + a2 + IM_END
     im_end = tok.convert_tokens_to_ids(IM_END)
     assert ids.count(im_end) == 5 and trained.count(im_end) == 2  # system, user, user masked
+
+
+@pytest.mark.parametrize("packing", [True, False])
+def test_overlong_conversations_are_dropped_not_cut(tmp_path, tiny_model_dir, capsys, packing):
+    """A conversation longer than max_length would lose its answer's <|im_end|> (TRL cuts it,
+    silently when packing): it is dropped and counted; every kept answer still ends on <|im_end|>."""
+    rows = fixtures.sft_rows()
+    long_row = {"messages": [{"role": "user", "content": "tell me " * 80}, {"role": "assistant", "content": "No."}]}
+    data = tmp_path / "data"
+    fixtures.write_jsonl(data / "train.jsonl", rows[:3] + [long_row])
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_model_dir, data, tmp_path / "out", packing=packing)
+    trainer = make_trainer(recipe, "--eval_strategy", "no")
+    assert "sft: dropped 1 of 4 train conversations longer than max_length=128" in capsys.readouterr().out
+    im_end = trainer.processing_class.convert_tokens_to_ids(IM_END)
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(trainer.train_dataset))])
+    trained = batch["labels"][batch["labels"] != -100].tolist()
+    assert trained.count(im_end) == 3  # one stop per kept answer, none lost to a cut
 
 
 # -------------------------------------------------------------------------- packing
@@ -272,6 +288,14 @@ def test_recipe_yaml_override_and_unknown_keys(tmp_path, tiny_model_dir, sft_dat
     bad = write_recipe(tmp_path / "bad.yaml", tiny_model_dir, sft_data_dir, tmp_path / "out", packin=True)
     with pytest.raises(PosttrainError, match=r"bad.yaml: unknown key\(s\) packin"):
         parse(bad)
+    # A bad value or a bad mixture entry: one line naming where it came from, not argparse's usage.
+    with pytest.raises(PosttrainError, match=r"--learning_rate/--learning-rate: invalid float value: 'abc' \(in recipe .*r.yaml or the command line\)"):
+        parse(recipe, "--learning_rate", "abc")
+    entry = write_recipe(tmp_path / "entry.yaml", tiny_model_dir, sft_data_dir, tmp_path / "out", datasets=[{"path": "x", "weight": 1}])
+    with pytest.raises(PosttrainError, match=r"unexpected keyword argument 'weight' \(in recipe .*entry.yaml"):
+        parse(entry)
+    with pytest.raises(PosttrainError, match=r"^usage: RECIPE.yaml"):
+        parse()
 
 
 def test_dataset_mixture_with_weights(tmp_path, tiny_model_dir, sft_data_dir):
@@ -372,6 +396,10 @@ def test_bad_input_is_one_line_before_training(tmp_path, tiny_model_dir, sft_dat
     template = plain / "chat_template.jinja"
     template.write_text(template.read_text().replace("{%- generation %}", "").replace("{%- endgeneration %}", ""))
     cases["no_markers"] = (sft_data_dir, plain, r"plain_template_model: its chat template has no \{% generation %\} markers")
+
+    # A path that is not there: local-looking, or taken for a hub id (the Hub is unreachable here).
+    cases["missing_dir"] = (tmp_path / "nowhere", tiny_model_dir, r"dataset .*nowhere not found \(prepare it with data_scripts")
+    cases["not_on_hub"] = ("data/sft_never_prepared", tiny_model_dir, r"dataset data/sft_never_prepared: no such local file or directory, and not loadable as a hub dataset")
 
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     procs = {}
