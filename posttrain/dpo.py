@@ -79,7 +79,6 @@ class PreferenceTrainer(trl.DPOTrainer):
 
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
         import datasets
-        from accelerate import PartialState
 
         before = len(dataset) if isinstance(dataset, datasets.Dataset) else None
         dataset = super()._prepare_dataset(dataset, processing_class, args, dataset_name)
@@ -91,17 +90,12 @@ class PreferenceTrainer(trl.DPOTrainer):
             prompt = example["prompt_ids"]
             return (prompt + example["chosen_ids"])[cut] != (prompt + example["rejected_ids"])[cut]
 
-        with global_then_local_main_first():  # as TRL's own maps: one process writes the cache, the rest read it
-            dataset = dataset.filter(distinguishable)
-        if before is not None and len(dataset) < before:
-            PartialState().print(
-                f"dpo: dropped {before - len(dataset)} of {before} {dataset_name} pairs that leave no room within "
-                f"max_length={args.max_length} to tell chosen from rejected (the prompt fills it, or the responses "
-                "differ only beyond it)"
-            )
-        if before is not None and len(dataset) == 0:
-            raise PosttrainError(f"no {dataset_name} pair fits in max_length={args.max_length}; raise max_length")
-        return dataset
+        return training.drop_unfit_rows(
+            dataset, distinguishable, stage="dpo", noun=f"{dataset_name} pair", max_length=args.max_length,
+            why=f"that leave no room within max_length={args.max_length} to tell chosen from rejected "
+            "(the prompt fills it, or the responses differ only beyond it)",
+            before=before,
+        )  # fmt: skip
 
     def _precompute_ref_logps(self, dataset, name, batch_size):
         if not self.args.reference_free:

@@ -29,7 +29,6 @@ import trl
 
 from posttrain import training
 from posttrain.data import validate_sft_rows
-from posttrain.errors import PosttrainError
 
 logger = logging.getLogger("posttrain.sft")
 
@@ -45,29 +44,21 @@ class SFTTrainer(trl.SFTTrainer):
 
     def _prepare_dataset(self, dataset, processing_class, args, packing, formatting_func, dataset_name):
         import datasets
-        from accelerate import PartialState
-        from trl.trainer.utils import global_then_local_main_first
 
-        if args.max_length is None or not isinstance(dataset, datasets.Dataset) or "messages" not in dataset.column_names:
-            return super()._prepare_dataset(dataset, processing_class, args, packing, formatting_func, dataset_name)
-        tokenizer = getattr(processing_class, "tokenizer", processing_class)
+        if args.max_length is not None and isinstance(dataset, datasets.Dataset) and "messages" in dataset.column_names:
+            tokenizer = getattr(processing_class, "tokenizer", processing_class)
 
-        def fits(batch) -> list[bool]:
-            ids = tokenizer.apply_chat_template(batch["messages"], tokenize=True, return_dict=False)
-            return [len(x) <= args.max_length for x in ids]
+            def fits(batch) -> list[bool]:
+                ids = tokenizer.apply_chat_template(batch["messages"], tokenize=True, return_dict=False)
+                return [len(x) <= args.max_length for x in ids]
 
-        before = len(dataset)
-        with global_then_local_main_first():  # as TRL's own maps: one process writes the cache
-            dataset = dataset.filter(fits, batched=True, num_proc=args.dataset_num_proc, desc=f"Dropping over-long {dataset_name} conversations")
-        if len(dataset) < before:
-            PartialState().print(
-                f"sft: dropped {before - len(dataset)} of {before} {dataset_name} conversations longer than "
-                f"max_length={args.max_length} tokens (cut, they would lose their final answer or its <|im_end|>)"
-            )
-        if len(dataset) == 0:
-            raise PosttrainError(f"no {dataset_name} conversation fits in max_length={args.max_length}; raise max_length")
+            dataset = training.drop_unfit_rows(
+                dataset, fits, stage="sft", noun=f"{dataset_name} conversation", max_length=args.max_length,
+                why=f"longer than max_length={args.max_length} tokens (cut, they would lose their final answer or its <|im_end|>)",
+                before=len(dataset), batched=True, num_proc=args.dataset_num_proc,
+                desc=f"Dropping over-long {dataset_name} conversations",
+            )  # fmt: skip
         return super()._prepare_dataset(dataset, processing_class, args, packing, formatting_func, dataset_name)
-
 
 def main(script_args, training_args, model_args, dataset_args) -> None:
     training.setup(training_args)

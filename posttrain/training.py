@@ -1,7 +1,8 @@
 """The plumbing every training stage shares, so `sft.py` and `dpo.py` differ only where SFT and DPO do.
 
 A stage script is: `parse()` its recipe, `setup()` logging and seed, `resume_checkpoint()`,
-`load_tokenizer()`, `load_data()`, `make_trainer()`, `train_and_save()`. Everything
+`load_tokenizer()`, then `train_stage()` (`load_data()`, `make_trainer()`, `train_and_save()`);
+its trainer may drop rows it cannot train with `drop_unfit_rows()`. Everything
 heavy is a TRL / transformers / PEFT call; this module adds the checks that turn bad
 input into one line before any training starts, and the saving that makes the output
 directory a complete, reproducible record of the run.
@@ -320,6 +321,25 @@ def train_and_save(trainer, resume: str | None, script_args, training_args, mode
         trainer.accelerator.print(f"saved the model, tokenizer, trainer state and {RESOLVED_RECIPE_NAME} to {out}")
     trainer.accelerator.wait_for_everyone()
     trainer.end()  # finish the trackers, destroy the process group
+
+
+def drop_unfit_rows(dataset, keep, *, stage: str, noun: str, why: str, max_length: int, before: int | None, **filter_kwargs):
+    """`dataset.filter(keep)` for rows that cannot be trained within max_length: one process
+    writes the cache (as TRL's own maps), the count of `before` rows dropped is printed with
+    `why`, and a dataset with none left is a one-line error. `before=None` (a streamed
+    dataset) filters without counting."""
+    from accelerate import PartialState
+    from trl.trainer.utils import global_then_local_main_first
+
+    with global_then_local_main_first():
+        dataset = dataset.filter(keep, **filter_kwargs)
+    if before is None:
+        return dataset
+    if len(dataset) < before:
+        PartialState().print(f"{stage}: dropped {before - len(dataset)} of {before} {noun}s {why}")
+    if len(dataset) == 0:
+        raise PosttrainError(f"no {noun} fits in max_length={max_length}; raise max_length")
+    return dataset
 
 
 def train_stage(trainer_cls, tokenizer, validate_rows, resume, script_args, training_args, model_args, dataset_args) -> None:
