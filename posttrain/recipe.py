@@ -44,6 +44,20 @@ def _read_yaml(path: str) -> dict:
     return data
 
 
+def _recipe_argv(argv: Sequence[str] | None) -> tuple[list[str], str | None]:
+    """argv with a positional `RECIPE.yaml` turned into `--config RECIPE.yaml` (TRL's form), and
+    the recipe's path (None when there is no recipe)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and not argv[0].startswith("-") and argv[0].endswith((".yaml", ".yml")):
+        argv = ["--config", *argv]
+    if "--config" not in argv:
+        return argv, None
+    i = argv.index("--config")
+    if i + 1 >= len(argv):
+        raise PosttrainError("--config needs a recipe path")
+    return argv, argv[i + 1]
+
+
 def parse_recipe(dataclass_types: Sequence[type], argv: Sequence[str] | None = None, defaults: dict | None = None):
     """Parse `RECIPE.yaml [--key value ...]` (or `--config RECIPE.yaml ...`) into TRL dataclasses.
 
@@ -53,13 +67,11 @@ def parse_recipe(dataclass_types: Sequence[type], argv: Sequence[str] | None = N
     """
     from trl import TrlParser
 
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv, path = _recipe_argv(argv)
     if not argv:
         raise PosttrainError("usage: RECIPE.yaml [--key value ...]  (or --help for every key)")
-    if not argv[0].startswith("-") and argv[0].endswith((".yaml", ".yml")):
-        argv = ["--config", argv[0], *argv[1:]]
     parser = TrlParser(list(dataclass_types))
-    where = f"recipe {argv[argv.index('--config') + 1]} or the command line" if "--config" in argv[:-1] else "the command line"
+    where = f"recipe {path} or the command line" if path else "the command line"
 
     def one_line_error(message: str):  # argparse would print the whole usage (~150 lines) first
         raise PosttrainError(f"{message} (in {where})")
@@ -67,13 +79,8 @@ def parse_recipe(dataclass_types: Sequence[type], argv: Sequence[str] | None = N
     parser.error = one_line_error
     if defaults:
         parser.set_defaults_with_config(**defaults)
-    if "--config" in argv:
-        i = argv.index("--config")
-        if i + 1 >= len(argv):
-            raise PosttrainError("--config needs a recipe path")
-        path = argv[i + 1]
-        config = _read_yaml(path)
-        unknown = sorted(set(config) - _known_keys(parser) - {"env"})
+    if path:
+        unknown = sorted(set(_read_yaml(path)) - _known_keys(parser) - {"env"})
         if unknown:
             raise PosttrainError(
                 f"recipe {path}: unknown key(s) {', '.join(unknown)} "
@@ -130,9 +137,8 @@ def resolved_recipe(*configs) -> dict:
 
 def explicit_keys(argv: Sequence[str] | None = None) -> set[str]:
     """The keys a user set: those of the recipe YAML and the `--key` flags of the command line."""
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv, path = _recipe_argv(argv)
     keys = {a[2:].split("=", 1)[0] for a in argv if a.startswith("--") and a != "--config"}
-    path = argv[argv.index("--config") + 1] if "--config" in argv[:-1] else argv[0] if argv and argv[0].endswith((".yaml", ".yml")) else None
     return keys | (set(_read_yaml(path)) if path else set())
 
 
