@@ -18,6 +18,7 @@ IM_START = "<|im_start|>"
 IM_END = "<|im_end|>"
 ENDOFTEXT = "<|endoftext|>"
 SPECIAL_TOKENS = (ENDOFTEXT, IM_START, IM_END)
+ROLES = ("system", "user", "assistant")  # the roles the template renders (any other raises)
 
 CHATML_TEMPLATE = (
     "{%- for message in messages %}"

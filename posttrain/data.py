@@ -10,13 +10,14 @@ name the file and line.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 from pathlib import Path
 
+from posttrain.chat_template import ROLES
 from posttrain.errors import PosttrainError
 
-ROLES = ("system", "user", "assistant")
 _BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 
 
@@ -100,17 +101,16 @@ def _local_data_files(path: Path) -> tuple[str, dict[str, str]] | None:
     return None
 
 
-def _load_hub(path: str, **kwargs):
-    """`datasets.load_dataset` of a hub id; a name that is neither local nor reachable is one line."""
-    import datasets
-
+@contextlib.contextmanager
+def load_errors(what: str):
+    """Turn a `datasets` loading failure (ConnectionError offline, DatasetNotFoundError,
+    FileNotFoundError, a schema clash) into one line that names what was being loaded."""
     try:
-        return datasets.load_dataset(path, **kwargs)
-    except Exception as err:  # ConnectionError offline, DatasetNotFoundError, FileNotFoundError
-        raise PosttrainError(
-            f"dataset {path}: no such local file or directory, and not loadable as a hub dataset "
-            f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
-        ) from None
+        yield
+    except PosttrainError:
+        raise
+    except Exception as err:
+        raise PosttrainError(f"{what} ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})") from None
 
 
 def load_source(path: str, name: str | None = None, split: str | None = None, streaming: bool = False):
@@ -122,12 +122,11 @@ def load_source(path: str, name: str | None = None, split: str | None = None, st
 
     local = _local_data_files(Path(path))
     if local is None:
-        return _load_hub(path, name=name, split=split, streaming=streaming)
+        with load_errors(f"dataset {path}: no such local file or directory, and not loadable as a hub dataset"):
+            return datasets.load_dataset(path, name=name, split=split, streaming=streaming)
     builder, files = local
-    try:
+    with load_errors(f"dataset {path}: cannot be loaded"):  # a schema clash between lines, a corrupt parquet file
         ds = datasets.load_dataset(builder, data_files=files, streaming=streaming)
-    except Exception as err:  # a schema clash between lines, a corrupt parquet file
-        raise PosttrainError(f"dataset {path}: cannot be loaded ({type(err).__name__}: {err})".splitlines()[0]) from None
     if split is None:
         return ds
     if split not in ds:
@@ -150,10 +149,10 @@ def load_train_eval(script_args, mixture_args, want_eval: bool):
                 if cfg.split not in files:
                     raise PosttrainError(f"dataset {cfg.path} has no split {cfg.split!r}")
                 cfg = dataclasses.replace(cfg, path=builder, data_files=files[cfg.split], split="train")
-            else:  # a hub id: fail here, in one line, if it cannot be loaded
-                _load_hub(cfg.path, name=cfg.name, split=cfg.split, streaming=True)
             resolved.append(cfg)
-        dsd = get_dataset(dataclasses.replace(mixture_args, datasets=resolved))
+        sources = ", ".join(cfg.path for cfg in mixture_args.datasets)
+        with load_errors(f"dataset mixture {sources}: cannot be loaded"):
+            dsd = get_dataset(dataclasses.replace(mixture_args, datasets=resolved))
         train_split, test_split = "train", "test"
     elif script_args.dataset_name:
         dsd = load_source(script_args.dataset_name, script_args.dataset_config, streaming=script_args.dataset_streaming)

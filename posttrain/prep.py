@@ -26,7 +26,7 @@ from typing import Callable
 from posttrain import prep_adapters as adapters
 from posttrain.atomic import atomic_output_dir, check_output_dir
 from posttrain.chat_template import load_chat_tokenizer
-from posttrain.data import check_json_file, load_source
+from posttrain.data import check_json_file, load_errors, load_source
 from posttrain.errors import PosttrainError, run_cli
 
 
@@ -140,10 +140,8 @@ def load_splits(source: Source, args):
         if path is None:
             raise PosttrainError(f"--dataset {args.dataset} reads local files: pass --data-files")
         test = source.test_split
-    try:
+    with load_errors(f"dataset {path}: cannot be loaded"):  # unreachable hub, a schema clash, a corrupt parquet file
         return tuple(datasets.load_dataset(path, source.config, split=s) if s else None for s in (source.train_split, test))
-    except Exception as err:  # unreachable hub, a schema clash between files, a corrupt parquet file
-        raise PosttrainError(f"dataset {path}: cannot be loaded ({type(err).__name__}: {err})".splitlines()[0]) from None
 
 
 # -------------------------------------------------------------------------- clean

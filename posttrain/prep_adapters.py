@@ -18,10 +18,11 @@ from __future__ import annotations
 import re
 from collections import defaultdict
 
+from posttrain.chat_template import ROLES
+
 DEFAULT_SYSTEM_PROMPT = (
     "You are a helpful, harmless, and honest assistant. Always answer as helpfully as possible while being safe."
 )
-ROLES = ("system", "user", "assistant")
 
 # Drop reasons: the keys of meta.json "dropped".
 EMPTY_FIELD = "empty_or_missing_field"
