@@ -99,13 +99,9 @@ def parse_args(argv=None):
 
 def token_rows(n_tokens: int, vocab: int, seed: int = 0) -> list[list[int]]:
     """Alpaca-shaped conversations of random tokens, at least n_tokens in all."""
-    import torch
+    from posttrain.fixtures import alpaca_lengths, random_token_rows
 
-    from posttrain.fixtures import alpaca_lengths
-
-    lengths = alpaca_lengths(n=math.ceil(n_tokens / 100), seed=seed)
-    gen = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, vocab, (n,), generator=gen).tolist() for n in lengths]
+    return random_token_rows(alpaca_lengths(n=math.ceil(n_tokens / 100), seed=seed), vocab, seed=seed)
 
 
 def main(argv=None) -> None:

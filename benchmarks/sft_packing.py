@@ -25,7 +25,6 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 import platform
 import statistics
@@ -39,17 +38,12 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 
-from posttrain.fixtures import alpaca_lengths, build_tokenizer  # noqa: E402
+from posttrain.fixtures import alpaca_lengths, build_tokenizer, random_token_rows  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "sft_packing.json"
 SEQ = 2048  # max_length of the production recipe (and the old system's block size)
 BATCH = 4  # conversations per GPU per micro-batch, as the old system
 TARGET = 0.97
-
-
-def token_rows(lengths: list[int], seed: int = 0) -> list[list[int]]:
-    gen = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, 384, (n,), generator=gen).tolist() for n in lengths]
 
 
 def padding_efficiency(lengths: list[int]) -> dict:
@@ -155,7 +149,7 @@ def main() -> None:
     disable_progress_bar()
     lengths = alpaca_lengths()
     eff = padding_efficiency(lengths)
-    sample = token_rows(alpaca_lengths(256, seed=1), seed=1)
+    sample = random_token_rows(alpaca_lengths(256, seed=1), 384, seed=1)
     runs = {
         "bfd_packed": throughput(sample, packing=True, per_device_train_batch_size=1),
         f"padded_per_batch_of_{BATCH}": throughput(sample, per_device_train_batch_size=BATCH),

@@ -209,8 +209,9 @@ def check_rope_table(cos_cached: torch.Tensor | None, a: dict, path: Path) -> No
     half = a["n_embd"] // a["n_head"] // 2
     table = cos_cached.float().reshape(-1, half) if cos_cached.numel() % half == 0 else None
     if table is not None:
-        inv_freq = a["rope_theta"] ** (-torch.arange(half, dtype=torch.float64) / half)
-        angles = torch.outer(torch.arange(table.shape[0], dtype=torch.float64), inv_freq)
+        from posttrain.source_model import rope_angles
+
+        angles = rope_angles(table.shape[0], 2 * half, a["rope_theta"], dtype=torch.float64)
         error = (table.double() - angles.cos()).abs().max().item()
     if table is None or error > 1e-2:  # 1e-2: above bf16 rounding of a [-1, 1] table
         raise PosttrainError(

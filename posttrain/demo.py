@@ -162,24 +162,10 @@ def convert_cli() -> list[str]:
 def write_raw_data(work: Path) -> tuple[Path, Path]:
     """The bundled demo rows as local datasets (train + held-out test file), as a user's own files would be."""
     sft_dir, pref_dir = work / "raw" / "sft", work / "raw" / "preference"
-    system = [{"role": "system", "content": fixtures.SYSTEM_PROMPT}]
     fixtures.write_jsonl(sft_dir / "train.jsonl", fixtures.sft_rows())
-    fixtures.write_jsonl(
-        sft_dir / "test.jsonl",
-        [{"messages": system + [{"role": "user", "content": q}, {"role": "assistant", "content": a}]} for q, a, _ in HELDOUT_QA],
-    )
+    fixtures.write_jsonl(sft_dir / "test.jsonl", [fixtures.qa_conversation([(q, a)]) for q, a, _ in HELDOUT_QA])
     fixtures.write_jsonl(pref_dir / "train.jsonl", fixtures.preference_rows())
-    fixtures.write_jsonl(
-        pref_dir / "test.jsonl",
-        [
-            {
-                "prompt": system + [{"role": "user", "content": q}],
-                "chosen": [{"role": "assistant", "content": a}],
-                "rejected": [{"role": "assistant", "content": r}],
-            }
-            for q, a, r in HELDOUT_QA
-        ],
-    )
+    fixtures.write_jsonl(pref_dir / "test.jsonl", [fixtures.qa_preference(q, a, r) for q, a, r in HELDOUT_QA])
     return sft_dir, pref_dir
 
 

@@ -41,39 +41,36 @@ REJECTED_ANSWERS = [
 ]
 
 
+def _system(system_prompt: str | None) -> list[dict]:
+    return [{"role": "system", "content": system_prompt}] if system_prompt else []
+
+
+def qa_conversation(turns: list[tuple[str, str]], system_prompt: str | None = SYSTEM_PROMPT) -> dict:
+    """A `messages` row from (question, answer) turns, the system prompt first."""
+    messages = _system(system_prompt)
+    for q, a in turns:
+        messages += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+    return {"messages": messages}
+
+
+def qa_preference(question: str, chosen: str, rejected: str, system_prompt: str | None = SYSTEM_PROMPT) -> dict:
+    """A preference row in the form data_scripts writes: prompt messages, chosen, rejected."""
+    return {
+        "prompt": _system(system_prompt) + [{"role": "user", "content": question}],
+        "chosen": [{"role": "assistant", "content": chosen}],
+        "rejected": [{"role": "assistant", "content": rejected}],
+    }
+
+
 def sft_rows(system_prompt: str | None = SYSTEM_PROMPT) -> list[dict]:
     """Conversations in `messages` form: single-turn Q/A plus one two-turn dialogue."""
-    head = [{"role": "system", "content": system_prompt}] if system_prompt else []
-    rows = [
-        {"messages": head + [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
-        for q, a in QA_PAIRS
-    ]
-    (q1, a1), (q2, a2) = QA_PAIRS[0], QA_PAIRS[4]
-    rows.append(
-        {
-            "messages": head
-            + [
-                {"role": "user", "content": q1},
-                {"role": "assistant", "content": a1},
-                {"role": "user", "content": q2},
-                {"role": "assistant", "content": a2},
-            ]
-        }
-    )
-    return rows
+    rows = [qa_conversation([pair], system_prompt) for pair in QA_PAIRS]
+    return rows + [qa_conversation([QA_PAIRS[0], QA_PAIRS[4]], system_prompt)]
 
 
 def preference_rows(system_prompt: str | None = SYSTEM_PROMPT) -> list[dict]:
     """Preference pairs in the form data_scripts writes: prompt messages, chosen, rejected."""
-    head = [{"role": "system", "content": system_prompt}] if system_prompt else []
-    return [
-        {
-            "prompt": head + [{"role": "user", "content": q}],
-            "chosen": [{"role": "assistant", "content": a}],
-            "rejected": [{"role": "assistant", "content": r}],
-        }
-        for (q, a), r in zip(QA_PAIRS, REJECTED_ANSWERS)
-    ]
+    return [qa_preference(q, a, r, system_prompt) for (q, a), r in zip(QA_PAIRS, REJECTED_ANSWERS)]
 
 
 def alpaca_lengths(n: int = 52002, seed: int = 0) -> list[int]:
@@ -84,6 +81,12 @@ def alpaca_lengths(n: int = 52002, seed: int = 0) -> list[int]:
     gen = torch.Generator().manual_seed(seed)
     body = torch.empty(n).log_normal_(mean=math.log(70.0) - sigma**2 / 2, std=sigma, generator=gen)
     return (40 + body).round().clamp(max=1120).long().tolist()
+
+
+def random_token_rows(lengths: list[int], vocab_size: int, seed: int = 0) -> list[list[int]]:
+    """Pre-tokenized rows of random token ids with the given lengths (for throughput benchmarks)."""
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, vocab_size, (n,), generator=gen).tolist() for n in lengths]
 
 
 def write_jsonl(path: str | Path, rows: list[dict]) -> Path:
@@ -195,8 +198,10 @@ QWEN3_1_8B_ARGS = dict(
 
 
 def _rope_tables(block_size: int, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
-    angles = torch.outer(torch.arange(block_size, dtype=torch.float32), inv_freq)
+    """The `rope.cos_cached`, `rope.sin_cached` buffers the source system saves."""
+    from posttrain.source_model import rope_angles
+
+    angles = rope_angles(block_size, head_dim, theta)
     return angles.cos(), angles.sin()
 
 

@@ -23,11 +23,16 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
 
 
+def rope_angles(positions: int, head_dim: int, theta: float, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """[positions, head_dim/2]: pair j at position pos rotates by pos * theta^(-j/(head_dim/2)).
+    (The source system's `rope.cos_cached` / `sin_cached` buffers are cos and sin of this.)"""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=dtype) / head_dim))
+    return torch.outer(torch.arange(positions, dtype=dtype), inv_freq)
+
+
 def interleaved_rope(x: torch.Tensor, theta: float) -> torch.Tensor:
     """Rotate pairs (2j, 2j+1) of the last dim of x [B, H, T, D] by pos * theta^(-j/(D/2))."""
-    T, D = x.shape[-2], x.shape[-1]
-    inv_freq = 1.0 / (theta ** (torch.arange(0, D, 2, dtype=torch.float32) / D))
-    angles = torch.outer(torch.arange(T, dtype=torch.float32), inv_freq)  # [T, D/2]
+    angles = rope_angles(x.shape[-2], x.shape[-1], theta)  # [T, D/2]
     cos, sin = angles.cos(), angles.sin()
     x0, x1 = x[..., 0::2], x[..., 1::2]
     return torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1).flatten(-2)

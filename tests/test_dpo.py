@@ -31,7 +31,6 @@ from posttrain.recipe import RESOLVED_RECIPE_NAME
 from helpers import write_demo_recipe
 
 REPO = Path(__file__).resolve().parents[1]
-DEMO_RECIPE = REPO / "recipes" / "demo" / "dpo.yaml"
 DPO_SCRIPT = REPO / "posttrain" / "dpo.py"
 BETA = 0.1
 MAX_LENGTH = 128  # the demo recipe's

@@ -28,7 +28,6 @@ from posttrain.recipe import RESOLVED_RECIPE_NAME
 from helpers import write_demo_recipe
 
 REPO = Path(__file__).resolve().parents[1]
-DEMO_RECIPE = REPO / "recipes" / "demo" / "sft.yaml"
 SFT_SCRIPT = REPO / "posttrain" / "sft.py"
 TWO_TURN = 6  # index of the two-turn conversation in fixtures.sft_rows()
 
