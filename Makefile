@@ -11,7 +11,7 @@ export HF_DATASETS_OFFLINE := 1
 export TRANSFORMERS_NO_ADVISORY_WARNINGS := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test test-fast test-slow bench clean
+.PHONY: install demo lint format test test-fast test-slow bench clean
 
 $(BIN)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,15 @@ install: $(BIN)/.installed
 
 demo: install
 	$(BIN)/python -m posttrain.demo
+
+# ruff, configured in pyproject.toml (line length 119, as TRL and the alignment-handbook).
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: install
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
 
 test: install
 	$(BIN)/python -m pytest tests

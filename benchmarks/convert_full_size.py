@@ -69,7 +69,9 @@ def run_measured(*args: str) -> dict:
 
 
 def run_convert(ckpt: Path, tokenizer: Path, out: Path, *extra: str) -> dict:
-    return run_measured("-m", "posttrain.convert", str(ckpt), "--tokenizer", str(tokenizer), "--output-dir", str(out), *extra)
+    return run_measured(
+        "-m", "posttrain.convert", str(ckpt), "--tokenizer", str(tokenizer), "--output-dir", str(out), *extra
+    )
 
 
 def main() -> None:
@@ -88,15 +90,21 @@ def main() -> None:
         tokenizer = fixtures.save_tokenizer(work / "tokenizer")
         source = run_measured(__file__, "--write-checkpoint", str(ckpt))
         source["bytes"] = ckpt.stat().st_size
-        print(f"wrote synthetic checkpoint: {source['bytes'] / 1e9:.2f} GB in {source['wall_s']} s, "
-              f"peak RSS {source['peak_rss_bytes'] / 1e9:.2f} GB", flush=True)
+        print(
+            f"wrote synthetic checkpoint: {source['bytes'] / 1e9:.2f} GB in {source['wall_s']} s, "
+            f"peak RSS {source['peak_rss_bytes'] / 1e9:.2f} GB",
+            flush=True,
+        )
 
         drop_from_page_cache(ckpt)
         convert = run_convert(ckpt, tokenizer, out)
         model_bytes = sum(f.stat().st_size for f in out.glob("*.safetensors"))
         convert["peak_rss_over_model"] = round(convert["peak_rss_bytes"] / model_bytes, 2)
-        print(f"convert: {convert['wall_s']} s, peak RSS {convert['peak_rss_bytes'] / 1e9:.2f} GB "
-              f"= {convert['peak_rss_over_model']}x the converted model ({model_bytes / 1e9:.2f} GB)", flush=True)
+        print(
+            f"convert: {convert['wall_s']} s, peak RSS {convert['peak_rss_bytes'] / 1e9:.2f} GB "
+            f"= {convert['peak_rss_over_model']}x the converted model ({model_bytes / 1e9:.2f} GB)",
+            flush=True,
+        )
         result = {
             "model_args": fixtures.QWEN3_1_8B_ARGS,
             "checkpoint_bytes": source["bytes"],
@@ -112,8 +120,11 @@ def main() -> None:
         if not args.no_verify:
             verify = run_convert(ckpt, tokenizer, out, "--verify", "--overwrite")
             verify["peak_rss_over_model"] = round(verify["peak_rss_bytes"] / model_bytes, 2)
-            print(f"convert --verify: {verify['wall_s']} s, peak RSS {verify['peak_rss_bytes'] / 1e9:.2f} GB; "
-                  + " ".join(verify["stdout"]), flush=True)
+            print(
+                f"convert --verify: {verify['wall_s']} s, peak RSS {verify['peak_rss_bytes'] / 1e9:.2f} GB; "
+                + " ".join(verify["stdout"]),
+                flush=True,
+            )
             result["convert_verify"] = verify
         RESULTS.parent.mkdir(parents=True, exist_ok=True)
         RESULTS.write_text(json.dumps(result, indent=2) + "\n")

@@ -44,7 +44,9 @@ def alpaca_rows(n: int, seed: int = 0) -> list[dict]:
         instruction = f"{words(10).capitalize()} (task {i})."
         extra = words(12) if rng.random() < 0.35 else ""
         output = words(45).capitalize() + "."
-        rows.append({"instruction": instruction, "input": extra, "output": output, "text": f"{instruction}\n{extra}\n{output}"})
+        rows.append(
+            {"instruction": instruction, "input": extra, "output": output, "text": f"{instruction}\n{extra}\n{output}"}
+        )
     return rows
 
 
@@ -60,10 +62,19 @@ def main() -> None:
         data = write_jsonl(tmp / "alpaca.jsonl", alpaca_rows(args.rows))
         tokenizer = save_tokenizer(tmp / "tokenizer")
         cmd = [
-            sys.executable, str(REPO / "data_scripts" / "prepare_sft.py"), "--dataset", "alpaca",
-            "--data-files", str(data), "--output-dir", str(tmp / "out"), "--tokenizer", str(tokenizer),
-            "--num-proc", str(args.num_proc),
-        ]  # fmt: skip
+            sys.executable,
+            str(REPO / "data_scripts" / "prepare_sft.py"),
+            "--dataset",
+            "alpaca",
+            "--data-files",
+            str(data),
+            "--output-dir",
+            str(tmp / "out"),
+            "--tokenizer",
+            str(tokenizer),
+            "--num-proc",
+            str(args.num_proc),
+        ]
         env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
         load = os.getloadavg()[0]  # other work on the machine slows the run down
         start = time.perf_counter()

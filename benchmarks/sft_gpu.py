@@ -53,9 +53,18 @@ def model_config(**overrides):
     from transformers import LlamaConfig
 
     shape = dict(
-        vocab_size=151669, hidden_size=2048, intermediate_size=5461, num_hidden_layers=24, num_attention_heads=16,
-        num_key_value_heads=16, max_position_embeddings=2048, rms_norm_eps=1e-5, tie_word_embeddings=False,
-        attention_bias=False, mlp_bias=False, rope_parameters={"rope_type": "default", "rope_theta": 1e6},
+        vocab_size=151669,
+        hidden_size=2048,
+        intermediate_size=5461,
+        num_hidden_layers=24,
+        num_attention_heads=16,
+        num_key_value_heads=16,
+        max_position_embeddings=2048,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+        attention_bias=False,
+        mlp_bias=False,
+        rope_parameters={"rope_type": "default", "rope_theta": 1e6},
     )
     return LlamaConfig(**{**shape, **overrides})
 
@@ -115,7 +124,9 @@ def main(argv=None) -> None:
     from posttrain.fixtures import build_tokenizer
 
     if not torch.cuda.is_available():
-        print("error: this benchmark needs a CUDA GPU (see benchmarks/sft_packing.py for the CPU one)", file=sys.stderr)
+        print(
+            "error: this benchmark needs a CUDA GPU (see benchmarks/sft_packing.py for the CPU one)", file=sys.stderr
+        )
         raise SystemExit(2)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     datasets.utils.logging.disable_progress_bar()
@@ -149,14 +160,30 @@ def main(argv=None) -> None:
     timer = Timer()
     with tempfile.TemporaryDirectory() as out:
         sft_args = SFTConfig(
-            output_dir=out, bf16=True, packing=True, packing_strategy="bfd", max_length=args.seq,
-            per_device_train_batch_size=args.per_device_batch, gradient_accumulation_steps=1, max_steps=total_steps,
-            activation_checkpointing=args.activation_checkpointing, learning_rate=2e-5, weight_decay=0.01,
-            adam_beta2=0.95, max_grad_norm=1.0, report_to="none", save_strategy="no", logging_steps=10_000,
-            disable_tqdm=True, seed=0,
+            output_dir=out,
+            bf16=True,
+            packing=True,
+            packing_strategy="bfd",
+            max_length=args.seq,
+            per_device_train_batch_size=args.per_device_batch,
+            gradient_accumulation_steps=1,
+            max_steps=total_steps,
+            activation_checkpointing=args.activation_checkpointing,
+            learning_rate=2e-5,
+            weight_decay=0.01,
+            adam_beta2=0.95,
+            max_grad_norm=1.0,
+            report_to="none",
+            save_strategy="no",
+            logging_steps=10_000,
+            disable_tqdm=True,
+            seed=0,
         )
         trainer = SFTTrainer(
-            model=model, args=sft_args, processing_class=build_tokenizer(), callbacks=[timer],
+            model=model,
+            args=sft_args,
+            processing_class=build_tokenizer(),
+            callbacks=[timer],
             train_dataset=datasets.Dataset.from_dict({"input_ids": rows}),
         )
         torch.cuda.reset_peak_memory_stats()
@@ -184,11 +211,15 @@ def main(argv=None) -> None:
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(result, indent=2) + "\n")
     mfu_text = f"{result['mfu']:.1%}" if peak else "unknown (pass --peak-tflops)"
-    print(f"{gpu}, {attn}, {args.per_device_batch} packed row(s) of {args.seq} per step, "
-          f"activation checkpointing {'on' if args.activation_checkpointing else 'off'}:")
+    print(
+        f"{gpu}, {attn}, {args.per_device_batch} packed row(s) of {args.seq} per step, "
+        f"activation checkpointing {'on' if args.activation_checkpointing else 'off'}:"
+    )
     print(f"  {tokens_per_s:,.0f} real tokens/s/GPU, MFU {mfu_text}, peak memory {result['peak_memory_gib']:.1f} GiB")
-    print(f"  3 epochs of Alpaca (17M tokens) on {GPUS} GPUs: ~{result['implied_3_epochs_alpaca_8_gpus_s']:.0f} s "
-          "of training steps (linear scaling)")
+    print(
+        f"  3 epochs of Alpaca (17M tokens) on {GPUS} GPUs: ~{result['implied_3_epochs_alpaca_8_gpus_s']:.0f} s "
+        "of training steps (linear scaling)"
+    )
     print(f"wrote {args.output}")
 
 

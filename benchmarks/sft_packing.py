@@ -75,8 +75,14 @@ def tiny_model():
 
     torch.manual_seed(0)
     config = LlamaConfig(
-        vocab_size=400, hidden_size=96, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=4, max_position_embeddings=SEQ, tie_word_embeddings=False,
+        vocab_size=400,
+        hidden_size=96,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=SEQ,
+        tie_word_embeddings=False,
     )
     return LlamaForCausalLM(config)
 
@@ -99,15 +105,31 @@ def throughput(rows: list[list[int]], **sft_args) -> dict:
     timer = Timer()
     with tempfile.TemporaryDirectory() as out:
         args = SFTConfig(
-            output_dir=out, bf16=False, activation_checkpointing=False, max_length=SEQ, num_train_epochs=1,
-            report_to="none", save_strategy="no", logging_steps=10_000, disable_tqdm=True, seed=0, **sft_args,
+            output_dir=out,
+            bf16=False,
+            activation_checkpointing=False,
+            max_length=SEQ,
+            num_train_epochs=1,
+            report_to="none",
+            save_strategy="no",
+            logging_steps=10_000,
+            disable_tqdm=True,
+            seed=0,
+            **sft_args,
         )
         trainer = SFTTrainer(
-            model=tiny_model(), args=args, processing_class=build_tokenizer(), callbacks=[timer],
+            model=tiny_model(),
+            args=args,
+            processing_class=build_tokenizer(),
+            callbacks=[timer],
             train_dataset=datasets.Dataset.from_dict({"input_ids": rows}),
         )
         trainer.train()
-    return {"timed_steps": trainer.state.global_step - 1, "seconds": timer.seconds, "real_tokens_per_s": timer.tokens / timer.seconds}
+    return {
+        "timed_steps": trainer.state.global_step - 1,
+        "seconds": timer.seconds,
+        "real_tokens_per_s": timer.tokens / timer.seconds,
+    }
 
 
 def modelled_compute(lengths: list[int], packed_rows: int) -> dict:
@@ -182,20 +204,28 @@ def main() -> None:
     RESULTS.write_text(json.dumps(result, indent=2) + "\n")
 
     L = result["lengths"]
-    print(f"{L['conversations']} Alpaca-shaped conversations: {L['real_tokens'] / 1e6:.2f}M tokens, "
-          f"mean {L['mean']:.1f}, median {L['median']}, max {L['max']}")
+    print(
+        f"{L['conversations']} Alpaca-shaped conversations: {L['real_tokens'] / 1e6:.2f}M tokens, "
+        f"mean {L['mean']:.1f}, median {L['median']}, max {L['max']}"
+    )
     print("padding efficiency (real tokens / processed tokens):")
     print(f"  padded to {SEQ} (old system)               {eff['pad_to_2048_old_system']:.3f}")
     print(f"  padded per batch of {BATCH} (TRL, no packing)  {eff[f'padded_per_batch_of_{BATCH}']:.3f}")
     print(f"  bfd packed, padding-free (TRL)            {eff['bfd_packed_padding_free']:.3f}")
-    print(f"  bfd packed, row fill                      {eff['bfd_packed_row_fill']:.3f}  "
-          f"({eff['packed_rows']} rows of {SEQ}, {eff['conversations_per_row']:.1f} conversations each)")
+    print(
+        f"  bfd packed, row fill                      {eff['bfd_packed_row_fill']:.3f}  "
+        f"({eff['packed_rows']} rows of {SEQ}, {eff['conversations_per_row']:.1f} conversations each)"
+    )
     t = result["throughput_tiny_model"]
     print(f"SFT steps, tiny model, {t['device']}, {t['sample_conversations']} conversations:")
     for name, run in runs.items():
-        print(f"  {name:<24} {run['real_tokens_per_s']:>8.0f} real tokens/s ({run['timed_steps']} steps, {run['seconds']:.1f} s)")
-    print(f"  packed / padded per batch {t['packed_vs_padded_per_batch']:.2f}x, packed / padded to {SEQ} "
-          f"{t['packed_vs_pad_to_2048']:.1f}x")
+        print(
+            f"  {name:<24} {run['real_tokens_per_s']:>8.0f} real tokens/s ({run['timed_steps']} steps, {run['seconds']:.1f} s)"
+        )
+    print(
+        f"  packed / padded per batch {t['packed_vs_padded_per_batch']:.2f}x, packed / padded to {SEQ} "
+        f"{t['packed_vs_pad_to_2048']:.1f}x"
+    )
     print("modelled training FLOPs per real token, 1.8B shape, relative to packed + varlen attention:")
     for name, rel in result["modelled_compute_real_model"]["relative_to_packed_varlen"].items():
         print(f"  {name:<36} {rel:6.2f}")

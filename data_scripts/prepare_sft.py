@@ -18,7 +18,9 @@ SOURCES = {
     "alpaca": prep.Source(a.alpaca, "tatsu-lab/alpaca"),
     "alpaca_cleaned": prep.Source(a.alpaca, "yahma/alpaca-cleaned"),
     "dolly": prep.Source(a.dolly, "databricks/databricks-dolly-15k"),
-    "ultrachat": prep.Source(a.messages, "HuggingFaceH4/ultrachat_200k", train_split="train_sft", test_split="test_sft"),
+    "ultrachat": prep.Source(
+        a.messages, "HuggingFaceH4/ultrachat_200k", train_split="train_sft", test_split="test_sft"
+    ),
     "slimorca": prep.Source(a.sharegpt, "Open-Orca/SlimOrca"),
     "oasst": prep.Source(a.messages, "OpenAssistant/oasst2", test_split="validation", regroup=a.oasst_threads),
     "messages": prep.Source(a.messages, test_split="test"),

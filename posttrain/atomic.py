@@ -16,8 +16,8 @@ import os
 import shutil
 import sys
 import tempfile
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Iterable, Iterator
 
 from posttrain.errors import PosttrainError
 
@@ -87,8 +87,10 @@ def atomic_output_dir(
         shutil.rmtree(old, ignore_errors=True)
     if cwd is not None and (cwd == final or final in cwd.parents):  # this process stands in the deleted one
         os.chdir(cwd if cwd.is_dir() else final)
-        print(f"note: {path} was replaced by a new directory; a shell inside it must `cd {final}` to see it",
-              file=sys.stderr)
+        print(
+            f"note: {path} was replaced by a new directory; a shell inside it must `cd {final}` to see it",
+            file=sys.stderr,
+        )
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:

@@ -66,12 +66,17 @@ def load_chat_tokenizer(path: str | os.PathLike):
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
     except Exception as err:  # a missing or corrupt tokenizer.json: JSONDecodeError, ValueError, tokenizers' Exception
-        raise PosttrainError(f"tokenizer {path} cannot be loaded ({type(err).__name__}: {err})".splitlines()[0]) from None
+        raise PosttrainError(
+            f"tokenizer {path} cannot be loaded ({type(err).__name__}: {err})".splitlines()[0]
+        ) from None
     previous = tokenizer.chat_template
     try:
         install_chat_template(tokenizer)
     except ValueError as err:  # no <|im_start|> etc.
         raise PosttrainError(f"tokenizer {path} {str(err).removeprefix('tokenizer ')}") from None
     if previous not in (None, CHATML_TEMPLATE):
-        print(f"note: tokenizer {path}: its own chat template was replaced by the ChatML training template", file=sys.stderr)
+        print(
+            f"note: tokenizer {path}: its own chat template was replaced by the ChatML training template",
+            file=sys.stderr,
+        )
     return tokenizer

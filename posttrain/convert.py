@@ -121,14 +121,16 @@ def source_shapes(a: dict) -> dict[str, tuple[int, ...]]:
         else:
             shapes[s + "attn.c_q.weight"] = (E, E)
             shapes[s + "attn.c_kv.weight"] = (2 * KV * (E // H), E)
-        shapes.update({
-            s + "norm1.weight": (E,),
-            s + "attn.c_proj.weight": (E, E),
-            s + "norm2.weight": (E,),
-            s + "ffn.w_gate.weight": (F, E),
-            s + "ffn.w_value.weight": (F, E),
-            s + "ffn.w_out.weight": (E, F),
-        })
+        shapes.update(
+            {
+                s + "norm1.weight": (E,),
+                s + "attn.c_proj.weight": (E, E),
+                s + "norm2.weight": (E,),
+                s + "ffn.w_gate.weight": (F, E),
+                s + "ffn.w_value.weight": (F, E),
+                s + "ffn.w_out.weight": (E, F),
+            }
+        )
     return shapes
 
 
@@ -228,7 +230,9 @@ def source_weights(state_dict: dict, a: dict, path: Path) -> dict[str, torch.Ten
         while name.startswith(PREFIXES):
             name = name.split(".", 1)[1]
         if name in origin:
-            raise PosttrainError(f"{path}: model keys '{origin[name]}' and '{key}' are both '{name}' without their prefixes")
+            raise PosttrainError(
+                f"{path}: model keys '{origin[name]}' and '{key}' are both '{name}' without their prefixes"
+            )
         origin[name] = key
         is_buffer = BUFFER_KEY.fullmatch(name)
         if not isinstance(tensor, torch.Tensor) or not (is_buffer or tensor.is_floating_point()):
@@ -241,7 +245,9 @@ def source_weights(state_dict: dict, a: dict, path: Path) -> dict[str, torch.Ten
         # torch.save keeps a tied head as the very same storage; accept it or its absence.
         head, emb = weights.pop("lm_head.weight", None), weights.get("token_embeddings.weight")
         if head is not None and emb is not None and head.data_ptr() != emb.data_ptr() and not torch.equal(head, emb):
-            raise PosttrainError(f"{path}: weight_tying is True but lm_head.weight differs from token_embeddings.weight")
+            raise PosttrainError(
+                f"{path}: weight_tying is True but lm_head.weight differs from token_embeddings.weight"
+            )
         del expected["lm_head.weight"]
     for name, shape in expected.items():
         if name not in weights:

@@ -110,7 +110,9 @@ def load_errors(what: str):
     except PosttrainError:
         raise
     except Exception as err:
-        raise PosttrainError(f"{what} ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})") from None
+        raise PosttrainError(
+            f"{what} ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
+        ) from None
 
 
 def load_source(path: str, name: str | None = None, split: str | None = None, streaming: bool = False):
@@ -155,7 +157,9 @@ def load_train_eval(script_args, mixture_args, want_eval: bool):
             dsd = get_dataset(dataclasses.replace(mixture_args, datasets=resolved))
         train_split, test_split = "train", "test"
     elif script_args.dataset_name:
-        dsd = load_source(script_args.dataset_name, script_args.dataset_config, streaming=script_args.dataset_streaming)
+        dsd = load_source(
+            script_args.dataset_name, script_args.dataset_config, streaming=script_args.dataset_streaming
+        )
         train_split, test_split = script_args.dataset_train_split, script_args.dataset_test_split
     else:
         raise PosttrainError("the recipe names no data: set dataset_name or a datasets: mixture")
@@ -179,7 +183,9 @@ def _check_messages(messages, where: str, final_assistant: bool = False) -> None
         raise PosttrainError(f"{where}: expected a non-empty list of messages")
     for m in messages:
         if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
-            raise PosttrainError(f"{where}: each message needs a role in {ROLES} and a string content, got {m!r}"[:300])
+            raise PosttrainError(
+                f"{where}: each message needs a role in {ROLES} and a string content, got {m!r}"[:300]
+            )
     if final_assistant and messages[-1]["role"] != "assistant":
         raise PosttrainError(f"{where}: the last message must be the assistant's")
 
@@ -187,7 +193,9 @@ def _check_messages(messages, where: str, final_assistant: bool = False) -> None
 def validate_sft_rows(dataset, source: str) -> None:
     """Every row is a conversation with at least one non-empty assistant turn."""
     if "messages" not in dataset.column_names:
-        raise PosttrainError(f"dataset {source}: SFT needs a 'messages' column (has {', '.join(dataset.column_names)})")
+        raise PosttrainError(
+            f"dataset {source}: SFT needs a 'messages' column (has {', '.join(dataset.column_names)})"
+        )
     for i, messages in enumerate(dataset["messages"], 1):
         where = f"dataset {source} row {i}"
         _check_messages(messages, where)
@@ -199,7 +207,9 @@ def validate_preference_rows(dataset, source: str) -> None:
     """Every row has prompt messages and one non-empty assistant message each for chosen and rejected."""
     missing = {"prompt", "chosen", "rejected"} - set(dataset.column_names)
     if missing:
-        raise PosttrainError(f"dataset {source}: preference data needs columns prompt, chosen, rejected (missing {', '.join(sorted(missing))})")
+        raise PosttrainError(
+            f"dataset {source}: preference data needs columns prompt, chosen, rejected (missing {', '.join(sorted(missing))})"
+        )
     for i, row in enumerate(dataset, 1):
         where = f"dataset {source} row {i}"
         _check_messages(row["prompt"], f"{where} prompt")

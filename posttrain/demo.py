@@ -139,7 +139,9 @@ class Demo:
         print("$ " + shlex.join(str(c) for c in cmd), flush=True)
         rc = subprocess.run([str(c) for c in cmd], cwd=REPO).returncode
         if rc != 0:
-            raise PosttrainError(f"demo stage '{name}' failed with exit code {rc} (its output is above): {shlex.join(map(str, cmd))}")
+            raise PosttrainError(
+                f"demo stage '{name}' failed with exit code {rc} (its output is above): {shlex.join(map(str, cmd))}"
+            )
 
 
 def prepare_work_dir(work: Path) -> Path:
@@ -169,7 +171,9 @@ def write_raw_data(work: Path) -> tuple[Path, Path]:
     return sft_dir, pref_dir
 
 
-def compare_replies(model_dirs: dict[str, Path]) -> tuple[list[str], dict[str, list[str]], dict[str, int], dict[str, int]]:
+def compare_replies(
+    model_dirs: dict[str, Path],
+) -> tuple[list[str], dict[str, list[str]], dict[str, int], dict[str, int]]:
     """Greedy replies of each model to the demo prompts, trained and held-out (with the training system prompt)."""
     from posttrain.chat import generate_turn, load_model
 
@@ -202,8 +206,10 @@ def run_demo(work: Path) -> None:
     demo.stage("Write a tiny checkpoint in the pre-training source format (ckpt_NNNNNN.pt) and its tokenizer")
     tokenizer_dir = fixtures.save_tokenizer(w / "tokenizer")
     ckpt = fixtures.write_source_checkpoint(w / "checkpoint" / "ckpt_000100.pt", iter_num=100)
-    print(f"{ckpt} ({ckpt.stat().st_size / 1e6:.1f} MB, model + optimizer state; random weights, so the base model "
-          f"babbles); tokenizer in {tokenizer_dir}")
+    print(
+        f"{ckpt} ({ckpt.stat().st_size / 1e6:.1f} MB, model + optimizer state; random weights, so the base model "
+        f"babbles); tokenizer in {tokenizer_dir}"
+    )
 
     demo.stage("Convert it to a Hugging Face model and verify the logits against the original architecture")
     converted = w / "converted"
@@ -214,36 +220,94 @@ def run_demo(work: Path) -> None:
     raw_sft, raw_pref = write_raw_data(w)
     # --val-split 0.5 caps the test rows at half the train rows; each held-out file has 2.
     common = ["--tokenizer", converted, "--max-length", "128", "--seed", "0", "--val-split", "0.5"]
-    demo.run("prepare SFT data", [py, REPO / "data_scripts/prepare_sft.py", "--dataset", "messages",
-                                  "--data-files", raw_sft, "--output-dir", w / "sft_data", *common])
-    demo.run("prepare DPO data", [py, REPO / "data_scripts/prepare_dpo.py", "--dataset", "preference",
-                                  "--data-files", raw_pref, "--output-dir", w / "dpo_data", *common])
+    demo.run(
+        "prepare SFT data",
+        [
+            py,
+            REPO / "data_scripts/prepare_sft.py",
+            "--dataset",
+            "messages",
+            "--data-files",
+            raw_sft,
+            "--output-dir",
+            w / "sft_data",
+            *common,
+        ],
+    )
+    demo.run(
+        "prepare DPO data",
+        [
+            py,
+            REPO / "data_scripts/prepare_dpo.py",
+            "--dataset",
+            "preference",
+            "--data-files",
+            raw_pref,
+            "--output-dir",
+            w / "dpo_data",
+            *common,
+        ],
+    )
 
     demo.stage("SFT (recipes/demo/sft.yaml)")
-    demo.run("SFT", [py, REPO / "posttrain/sft.py", REPO / "recipes/demo/sft.yaml", "--model_name_or_path", converted,
-                     "--dataset_name", w / "sft_data", "--output_dir", w / "sft"])
+    demo.run(
+        "SFT",
+        [
+            py,
+            REPO / "posttrain/sft.py",
+            REPO / "recipes/demo/sft.yaml",
+            "--model_name_or_path",
+            converted,
+            "--dataset_name",
+            w / "sft_data",
+            "--output_dir",
+            w / "sft",
+        ],
+    )
 
     demo.stage("DPO from the SFT model (recipes/demo/dpo.yaml)")
-    demo.run("DPO", [py, REPO / "posttrain/dpo.py", REPO / "recipes/demo/dpo.yaml", "--model_name_or_path", w / "sft",
-                     "--dataset_name", w / "dpo_data", "--output_dir", w / "dpo"])
+    demo.run(
+        "DPO",
+        [
+            py,
+            REPO / "posttrain/dpo.py",
+            REPO / "recipes/demo/dpo.yaml",
+            "--model_name_or_path",
+            w / "sft",
+            "--dataset_name",
+            w / "dpo_data",
+            "--output_dir",
+            w / "dpo",
+        ],
+    )
 
     demo.stage(f"Base, SFT and DPO answer the same prompts (greedy; Q{len(fixtures.QA_PAIRS) + 1}+ are held out)")
     prompts, replies, stopped, correct = compare_replies({"base": converted, "sft": w / "sft", "dpo": w / "dpo"})
     print(side_by_side(prompts, replies, width=min(shutil.get_terminal_size((120, 24)).columns, 150)))
     for name in MODELS:
-        print(f"{name:>4}: {correct[name]}/{len(prompts)} replies are the reference answer; "
-              f"{stopped[name]}/{len(prompts)} ended on <|im_end|> within {MAX_NEW_TOKENS} tokens")
+        print(
+            f"{name:>4}: {correct[name]}/{len(prompts)} replies are the reference answer; "
+            f"{stopped[name]}/{len(prompts)} ended on <|im_end|> within {MAX_NEW_TOKENS} tokens"
+        )
 
     demo.stage("Plot the training curves")
     histories = {stage: read_log_history(w / stage) for stage in ("sft", "dpo")}
     plot = save_plot(curves(histories), w / "training_curves.png")
     dpo_acc = log_series(histories["dpo"], "rewards/accuracies")[1]
-    print(f"conversion check: max |logit diff| {verification['max_abs_logit_diff']:.2e} "
-          f"({'passed' if verification['passed'] else 'FAILED'})")
-    print(f"SFT final train loss {log_series(histories['sft'], 'loss')[1][-1]:.3f}; "
-          f"DPO final reward accuracy {dpo_acc[-1]:.2f}" if dpo_acc else "")
-    print(f"models in {w}: converted/, sft/, dpo/; talk to one (the demo data's system prompt):\n"
-          f"  python -m posttrain.chat {w / 'dpo'} --system {shlex.quote(fixtures.SYSTEM_PROMPT)}")
+    print(
+        f"conversion check: max |logit diff| {verification['max_abs_logit_diff']:.2e} "
+        f"({'passed' if verification['passed'] else 'FAILED'})"
+    )
+    print(
+        f"SFT final train loss {log_series(histories['sft'], 'loss')[1][-1]:.3f}; "
+        f"DPO final reward accuracy {dpo_acc[-1]:.2f}"
+        if dpo_acc
+        else ""
+    )
+    print(
+        f"models in {w}: converted/, sft/, dpo/; talk to one (the demo data's system prompt):\n"
+        f"  python -m posttrain.chat {w / 'dpo'} --system {shlex.quote(fixtures.SYSTEM_PROMPT)}"
+    )
     print(f"done in {time.monotonic() - demo.t0:.0f} s")
     print(f"plot: {plot}")
 

@@ -36,9 +36,22 @@ from posttrain.errors import PosttrainError
 
 # The loss types TRL 1.16's DPOTrainer implements (`DPOTrainer._compute_loss`).
 LOSS_TYPES = (
-    "sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard",
-    "aot", "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm",
-)  # fmt: skip
+    "sigmoid",
+    "hinge",
+    "ipo",
+    "exo_pair",
+    "nca_pair",
+    "robust",
+    "bco_pair",
+    "sppo_hard",
+    "aot",
+    "aot_unpaired",
+    "apo_zero",
+    "apo_down",
+    "discopop",
+    "sft",
+    "sigmoid_norm",
+)
 
 
 @dataclass
@@ -82,7 +95,9 @@ class PreferenceTrainer(trl.DPOTrainer):
 
         before = len(dataset) if isinstance(dataset, datasets.Dataset) else None
         dataset = super()._prepare_dataset(dataset, processing_class, args, dataset_name)
-        if args.max_length is None or not {"prompt_ids", "chosen_ids", "rejected_ids"} <= set(dataset.column_names or ()):
+        if args.max_length is None or not {"prompt_ids", "chosen_ids", "rejected_ids"} <= set(
+            dataset.column_names or ()
+        ):
             return dataset
         cut = slice(None, args.max_length) if args.truncation_mode == "keep_start" else slice(-args.max_length, None)
 
@@ -91,11 +106,15 @@ class PreferenceTrainer(trl.DPOTrainer):
             return (prompt + example["chosen_ids"])[cut] != (prompt + example["rejected_ids"])[cut]
 
         return training.drop_unfit_rows(
-            dataset, distinguishable, stage="dpo", noun=f"{dataset_name} pair", max_length=args.max_length,
+            dataset,
+            distinguishable,
+            stage="dpo",
+            noun=f"{dataset_name} pair",
+            max_length=args.max_length,
             why=f"that leave no room within max_length={args.max_length} to tell chosen from rejected "
             "(the prompt fills it, or the responses differ only beyond it)",
             before=before,
-        )  # fmt: skip
+        )
 
     def _precompute_ref_logps(self, dataset, name, batch_size):
         if not self.args.reference_free:
@@ -112,8 +131,19 @@ def main(script_args, training_args, model_args, dataset_args) -> None:
     # DPO masks by the prompt/response split, so the template needs no {% generation %} markers.
     tokenizer = training.load_tokenizer(model_args, training_args, require_generation_markers=False)
     if not tokenizer.chat_template:
-        raise PosttrainError(f"model {model_args.model_name_or_path}: its tokenizer has no chat template to render the prompts with")
-    training.train_stage(PreferenceTrainer, tokenizer, validate_preference_rows, resume, script_args, training_args, model_args, dataset_args)
+        raise PosttrainError(
+            f"model {model_args.model_name_or_path}: its tokenizer has no chat template to render the prompts with"
+        )
+    training.train_stage(
+        PreferenceTrainer,
+        tokenizer,
+        validate_preference_rows,
+        resume,
+        script_args,
+        training_args,
+        model_args,
+        dataset_args,
+    )
 
 
 if __name__ == "__main__":

@@ -7,7 +7,8 @@ file should read one line that names it and says what to do.
 from __future__ import annotations
 
 import sys
-from typing import Callable, NoReturn
+from collections.abc import Callable
+from typing import NoReturn
 
 EXIT_BAD_INPUT = 2
 

@@ -19,9 +19,9 @@ import hashlib
 import json
 import math
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from posttrain import prep_adapters as adapters
 from posttrain.atomic import atomic_output_dir, check_output_dir
@@ -141,7 +141,9 @@ def load_splits(source: Source, args):
             raise PosttrainError(f"--dataset {args.dataset} reads local files: pass --data-files")
         test = source.test_split
     with load_errors(f"dataset {path}: cannot be loaded"):  # unreachable hub, a schema clash, a corrupt parquet file
-        return tuple(datasets.load_dataset(path, source.config, split=s) if s else None for s in (source.train_split, test))
+        return tuple(
+            datasets.load_dataset(path, source.config, split=s) if s else None for s in (source.train_split, test)
+        )
 
 
 # -------------------------------------------------------------------------- clean
@@ -235,7 +237,9 @@ def _lengths_batch(batch: dict, tokenizer, kind_name: str):
 
 def add_lengths(dataset, tokenizer, kind: Kind, args, dropped: Counter):
     """Length columns; for DPO also drop pairs whose prompt fills --max-length (TRL would drop them silently)."""
-    dataset = _map(dataset, _lengths_batch, args, "Counting tokens", fn_kwargs={"tokenizer": tokenizer, "kind_name": kind.name})
+    dataset = _map(
+        dataset, _lengths_batch, args, "Counting tokens", fn_kwargs={"tokenizer": tokenizer, "kind_name": kind.name}
+    )
     if "_prompt" in dataset.column_names:  # DPO
         keep = [i for i, n in enumerate(dataset["_prompt"][:]) if n < args.max_length]
         dropped[adapters.PROMPT_TOO_LONG] += len(dataset) - len(keep)
@@ -351,7 +355,9 @@ def prepare(kind: Kind, sources: dict[str, Source], args) -> dict:
         meta["tokens"] = {"tokenizer": args.tokenizer, "max_length": args.max_length}
         for name, ds in (("train", train), ("test", test)):
             meta["tokens"][name] = {
-                col[1:]: token_stats(ds[col][:], args.max_length) for col in ("_prompt", "_sequence") if col in ds.column_names
+                col[1:]: token_stats(ds[col][:], args.max_length)
+                for col in ("_prompt", "_sequence")
+                if col in ds.column_names
             }
     with atomic_output_dir(args.output_dir, overwrite=args.overwrite, inputs=inputs) as tmp:
         write_jsonl(tmp / "train.jsonl", train, kind.columns)

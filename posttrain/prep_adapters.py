@@ -190,7 +190,9 @@ def oasst_threads(dataset) -> list[dict]:
         while children[node["message_id"]]:
             node = min(children[node["message_id"]], key=lambda r: (r.get("rank") is None, r.get("rank") or 0))
             path.append(node)
-        threads.append({"messages": [{"role": OASST_ROLES.get(r["role"], r["role"]), "content": r["text"]} for r in path]})
+        threads.append(
+            {"messages": [{"role": OASST_ROLES.get(r["role"], r["role"]), "content": r["text"]} for r in path]}
+        )
     return threads
 
 
@@ -201,7 +203,9 @@ def chosen_rejected_lists(row: dict, system_prompt: str | None) -> dict:
     """`chosen` / `rejected` as whole message lists sharing the prompt turns
     (argilla/ultrafeedback-binarized-preferences-cleaned, argilla/distilabel-capybara-dpo-7k-binarized)."""
     return preference(
-        _pairs(_list(row, "chosen"), "role", "content"), _pairs(_list(row, "rejected"), "role", "content"), system_prompt
+        _pairs(_list(row, "chosen"), "role", "content"),
+        _pairs(_list(row, "rejected"), "role", "content"),
+        system_prompt,
     )
 
 
@@ -227,7 +231,9 @@ def hh_rlhf(row: dict, system_prompt: str | None) -> dict:
 def orca_dpo(row: dict, system_prompt: str | None) -> dict:
     """Intel/orca_dpo_pairs: system, question, chosen, rejected strings."""
     prompt = [("system", row.get("system")), ("user", row.get("question"))]
-    return preference(prompt + [("assistant", row.get("chosen"))], prompt + [("assistant", row.get("rejected"))], system_prompt)
+    return preference(
+        prompt + [("assistant", row.get("chosen"))], prompt + [("assistant", row.get("rejected"))], system_prompt
+    )
 
 
 def preference_rows(row: dict, system_prompt: str | None) -> dict:

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import dataclasses
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import yaml
 
@@ -149,7 +149,9 @@ def save_resolved_recipe(output_dir: str | Path, *configs, launch: dict | None =
     header: it comes from the accelerate config, not the recipe, but the effective batch
     depends on it."""
     path = Path(output_dir) / RESOLVED_RECIPE_NAME
-    text = "# Every effective setting of this run; rerun with: accelerate launch posttrain/<stage>.py " + path.name + "\n"
+    text = (
+        "# Every effective setting of this run; rerun with: accelerate launch posttrain/<stage>.py " + path.name + "\n"
+    )
     for key, value in (launch or {}).items():
         text += f"# launched with {key}: {value}\n"
     text += yaml.safe_dump(resolved_recipe(*configs), sort_keys=True)

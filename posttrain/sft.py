@@ -45,7 +45,11 @@ class SFTTrainer(trl.SFTTrainer):
     def _prepare_dataset(self, dataset, processing_class, args, packing, formatting_func, dataset_name):
         import datasets
 
-        if args.max_length is not None and isinstance(dataset, datasets.Dataset) and "messages" in dataset.column_names:
+        if (
+            args.max_length is not None
+            and isinstance(dataset, datasets.Dataset)
+            and "messages" in dataset.column_names
+        ):
             tokenizer = getattr(processing_class, "tokenizer", processing_class)
 
             def fits(batch) -> list[bool]:
@@ -53,12 +57,19 @@ class SFTTrainer(trl.SFTTrainer):
                 return [len(x) <= args.max_length for x in ids]
 
             dataset = training.drop_unfit_rows(
-                dataset, fits, stage="sft", noun=f"{dataset_name} conversation", max_length=args.max_length,
+                dataset,
+                fits,
+                stage="sft",
+                noun=f"{dataset_name} conversation",
+                max_length=args.max_length,
                 why=f"longer than max_length={args.max_length} tokens (cut, they would lose their final answer or its <|im_end|>)",
-                before=len(dataset), batched=True, num_proc=args.dataset_num_proc,
+                before=len(dataset),
+                batched=True,
+                num_proc=args.dataset_num_proc,
                 desc=f"Dropping over-long {dataset_name} conversations",
-            )  # fmt: skip
+            )
         return super()._prepare_dataset(dataset, processing_class, args, packing, formatting_func, dataset_name)
+
 
 def main(script_args, training_args, model_args, dataset_args) -> None:
     training.setup(training_args)
@@ -67,8 +78,12 @@ def main(script_args, training_args, model_args, dataset_args) -> None:
     resume = training.resume_checkpoint(script_args, training_args)
 
     # Everything that can be wrong with the inputs fails here, in one line, before the model loads.
-    tokenizer = training.load_tokenizer(model_args, training_args, require_generation_markers=training_args.assistant_only_loss)
-    training.train_stage(SFTTrainer, tokenizer, validate_sft_rows, resume, script_args, training_args, model_args, dataset_args)
+    tokenizer = training.load_tokenizer(
+        model_args, training_args, require_generation_markers=training_args.assistant_only_loss
+    )
+    training.train_stage(
+        SFTTrainer, tokenizer, validate_sft_rows, resume, script_args, training_args, model_args, dataset_args
+    )
 
 
 if __name__ == "__main__":

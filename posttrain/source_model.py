@@ -13,7 +13,7 @@ so the reference never holds more than one layer's fp32 copy.
 from __future__ import annotations
 
 import math
-from typing import Mapping
+from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F

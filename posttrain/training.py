@@ -42,7 +42,9 @@ class ScriptArguments(trl.ScriptArguments):
 
     merge_lora_after_training: bool = field(
         default=False,
-        metadata={"help": f"With use_peft: also save the base model with the adapter merged in, in OUTPUT_DIR/{MERGED_DIR}."},
+        metadata={
+            "help": f"With use_peft: also save the base model with the adapter merged in, in OUTPUT_DIR/{MERGED_DIR}."
+        },
     )
     overwrite_output_dir: bool = field(
         default=False,
@@ -145,7 +147,9 @@ def resume_checkpoint(script_args, training_args) -> str | None:
     out = Path(training_args.output_dir)
     value = training_args.resume_from_checkpoint
     value = None if value is None or str(value).lower() in ("", "false", "none") else str(value)
-    earlier = [p for p in out.glob("checkpoint-*") if p.is_dir() and _CHECKPOINT_RE.match(p.name)] if out.is_dir() else []
+    earlier = (
+        [p for p in out.glob("checkpoint-*") if p.is_dir() and _CHECKPOINT_RE.match(p.name)] if out.is_dir() else []
+    )
     earlier.sort(key=lambda p: int(p.name.split("-")[1]))
     if value is None:
         if earlier and not script_args.overwrite_output_dir:
@@ -161,7 +165,9 @@ def resume_checkpoint(script_args, training_args) -> str | None:
         stale = []
     else:
         if not (Path(value) / "trainer_state.json").is_file():
-            raise PosttrainError(f"--resume_from_checkpoint {value}: not a checkpoint directory (no trainer_state.json)")
+            raise PosttrainError(
+                f"--resume_from_checkpoint {value}: not a checkpoint directory (no trainer_state.json)"
+            )
         stale = []
     if _is_main_process():
         for path in stale:
@@ -207,7 +213,11 @@ def load_data(script_args, dataset_args, training_args, validate):
     from posttrain.data import load_train_eval
 
     train, evaluation = load_train_eval(script_args, dataset_args, want_eval=training_args.eval_strategy != "no")
-    source = script_args.dataset_name if not dataset_args.datasets else "mixture " + ",".join(d.path for d in dataset_args.datasets)
+    source = (
+        script_args.dataset_name
+        if not dataset_args.datasets
+        else "mixture " + ",".join(d.path for d in dataset_args.datasets)
+    )
     for split, ds in (("train", train), ("eval", evaluation)):
         if isinstance(ds, datasets.Dataset):  # a streamed dataset is checked by the trainer as it goes
             validate(ds, f"{source} ({split})")
@@ -323,7 +333,9 @@ def train_and_save(trainer, resume: str | None, script_args, training_args, mode
     trainer.end()  # finish the trackers, destroy the process group
 
 
-def drop_unfit_rows(dataset, keep, *, stage: str, noun: str, why: str, max_length: int, before: int | None, **filter_kwargs):
+def drop_unfit_rows(
+    dataset, keep, *, stage: str, noun: str, why: str, max_length: int, before: int | None, **filter_kwargs
+):
     """`dataset.filter(keep)` for rows that cannot be trained within max_length: one process
     writes the cache (as TRL's own maps), the count of `before` rows dropped is printed with
     `why`, and a dataset with none left is a one-line error. `before=None` (a streamed
@@ -342,7 +354,9 @@ def drop_unfit_rows(dataset, keep, *, stage: str, noun: str, why: str, max_lengt
     return dataset
 
 
-def train_stage(trainer_cls, tokenizer, validate_rows, resume, script_args, training_args, model_args, dataset_args) -> None:
+def train_stage(
+    trainer_cls, tokenizer, validate_rows, resume, script_args, training_args, model_args, dataset_args
+) -> None:
     """The tail every stage shares: load and check the data (one-line errors, before the model
     loads), build `trainer_cls` on the recipe's model, train (resuming if asked) and save."""
     train_dataset, eval_dataset = load_data(script_args, dataset_args, training_args, validate_rows)

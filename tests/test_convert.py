@@ -116,7 +116,9 @@ def test_cli_converts_verifies_and_the_result_chats(checkpoints, tokenizer_dir, 
     assert tok.eos_token == IM_END and tok.pad_token == ENDOFTEXT and tok.bos_token is None
     assert type(model).__name__ == "LlamaForCausalLM" and model.dtype == torch.bfloat16
     prompt = tok.apply_chat_template(
-        [{"role": "user", "content": "What do bees make?"}], add_generation_prompt=True, return_dict=True,
+        [{"role": "user", "content": "What do bees make?"}],
+        add_generation_prompt=True,
+        return_dict=True,
         return_tensors="pt",
     )
     assert prompt["input_ids"][0, 0].item() == tok.convert_tokens_to_ids("<|im_start|>")  # no BOS
@@ -176,6 +178,7 @@ class RunsCode:
 
 def bad_inputs(d: Path, good: Path) -> dict:
     """name -> (checkpoint, tokenizer or None for the good one, fragment the one-line error must name)."""
+
     def ckpt_with(name, edit):
         ckpt = torch.load(good, weights_only=True)
         edit(ckpt)
@@ -204,7 +207,9 @@ def bad_inputs(d: Path, good: Path) -> dict:
         "no_model_args": (ckpt_with("noargs.pt", lambda c: c.pop("model_args")), None, "no 'model_args'"),
         "layernorm": (arch("ln.pt", normalization="layernorm"), None, "model_args['normalization'] = 'layernorm'"),
         "wrong_shape": (
-            ckpt_with("shape.pt", lambda c: c["model"].update({"_orig_mod.blocks.1.ffn.w_out.weight": torch.zeros(96, 7)})),
+            ckpt_with(
+                "shape.pt", lambda c: c["model"].update({"_orig_mod.blocks.1.ffn.w_out.weight": torch.zeros(96, 7)})
+            ),
             None,
             "'blocks.1.ffn.w_out.weight' has shape [96, 7], model_args imply [96, 256]",
         ),
@@ -223,9 +228,19 @@ def bad_runs(tmp_path_factory, tokenizer_dir):
     cases = bad_inputs(d, good)
     procs = {
         name: subprocess.Popen(
-            [sys.executable, "-m", "posttrain.convert", ckpt, "--tokenizer", tok or tokenizer_dir,
-             "--output-dir", d / f"out_{name}"],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            [
+                sys.executable,
+                "-m",
+                "posttrain.convert",
+                ckpt,
+                "--tokenizer",
+                tok or tokenizer_dir,
+                "--output-dir",
+                d / f"out_{name}",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
         )
         for name, (ckpt, tok, _) in cases.items()
     }
@@ -234,8 +249,16 @@ def bad_runs(tmp_path_factory, tokenizer_dir):
 
 @pytest.mark.parametrize(
     "case",
-    ["not_a_dict", "no_model_args", "layernorm", "wrong_shape", "truncated", "runs_code", "vocab_too_small",
-     "no_special_tokens"],
+    [
+        "not_a_dict",
+        "no_model_args",
+        "layernorm",
+        "wrong_shape",
+        "truncated",
+        "runs_code",
+        "vocab_too_small",
+        "no_special_tokens",
+    ],
 )
 def test_bad_input_is_one_line_and_writes_nothing(bad_runs, case):
     d, runs = bad_runs
@@ -280,22 +303,52 @@ def rope_of_another_theta(ckpt):
         (dict(ffn_type="mlp"), None, "model_args['ffn_type'] = 'mlp'"),
         (dict(activation="gelu"), None, "model_args['activation'] = 'gelu'"),
         ({}, drop_final_norm, "missing weight 'final_norm.weight'"),
-        ({}, set_weight("_orig_mod.blocks.0.attn.c_proj.bias", torch.zeros(96)),
-         "unexpected weight 'blocks.0.attn.c_proj.bias'"),
-        ({}, rope_of_another_theta, "'blocks.0.attn.rope.cos_cached' [256, 12] is not the RoPE table of rope_theta=10000.0"),
+        (
+            {},
+            set_weight("_orig_mod.blocks.0.attn.c_proj.bias", torch.zeros(96)),
+            "unexpected weight 'blocks.0.attn.c_proj.bias'",
+        ),
+        (
+            {},
+            rope_of_another_theta,
+            "'blocks.0.attn.rope.cos_cached' [256, 12] is not the RoPE table of rope_theta=10000.0",
+        ),
         ({}, set_model_arg("n_head", 0), "model_args['n_head'] = 0 is not a positive integer"),
         ({}, set_model_arg("n_embd", "96"), "model_args['n_embd'] = '96' is not a positive integer"),
         ({}, set_model_arg("rope_theta", "1e4"), "model_args['rope_theta'] = '1e4' is not a positive number"),
-        ({}, set_weight("_orig_mod.blocks.0.norm1.weight", [1.0] * 96),
-         "model['_orig_mod.blocks.0.norm1.weight'] is a list, not a floating-point tensor"),
-        ({}, set_weight("_orig_mod.final_norm.weight", torch.ones(96, dtype=torch.int64)),
-         "model['_orig_mod.final_norm.weight'] is a torch.int64 tensor, not a floating-point tensor"),
-        ({}, set_weight("module.blocks.0.norm1.weight", torch.ones(96)),
-         "model keys '_orig_mod.blocks.0.norm1.weight' and 'module.blocks.0.norm1.weight' are both 'blocks.0.norm1.weight'"),
+        (
+            {},
+            set_weight("_orig_mod.blocks.0.norm1.weight", [1.0] * 96),
+            "model['_orig_mod.blocks.0.norm1.weight'] is a list, not a floating-point tensor",
+        ),
+        (
+            {},
+            set_weight("_orig_mod.final_norm.weight", torch.ones(96, dtype=torch.int64)),
+            "model['_orig_mod.final_norm.weight'] is a torch.int64 tensor, not a floating-point tensor",
+        ),
+        (
+            {},
+            set_weight("module.blocks.0.norm1.weight", torch.ones(96)),
+            "model keys '_orig_mod.blocks.0.norm1.weight' and 'module.blocks.0.norm1.weight' are both 'blocks.0.norm1.weight'",
+        ),
     ],
-    ids=["post_norm", "learned_positions", "bias", "mlp", "gelu", "no_final_norm", "extra_bias", "rope_theta_table",
-         "n_head_0", "n_embd_str", "rope_theta_str", "list_weight", "int_weight", "prefix_collision"],
-)  # fmt: skip
+    ids=[
+        "post_norm",
+        "learned_positions",
+        "bias",
+        "mlp",
+        "gelu",
+        "no_final_norm",
+        "extra_bias",
+        "rope_theta_table",
+        "n_head_0",
+        "n_embd_str",
+        "rope_theta_str",
+        "list_weight",
+        "int_weight",
+        "prefix_collision",
+    ],
+)
 def test_unrepresentable_architecture_keys_or_values_are_refused(tmp_path, tokenizer_dir, args, edit, fragment):
     """The same checks as the CLI cases above, in-process (cheaper than a process each)."""
     path = fixtures.write_source_checkpoint(tmp_path / "c.pt", fixtures.tiny_model_args(**args), with_optimizer=False)
@@ -328,7 +381,9 @@ def test_overwrite_refuses_an_output_dir_holding_the_inputs(source_checkpoint, t
     run = tmp_path / "run"
     shutil.copytree(tokenizer_dir, run / "tok")
     shutil.copy(source_checkpoint, run / "ckpt_000100.pt")
-    with pytest.raises(PosttrainError, match=r"^input .*ckpt_000100.pt is inside the output directory .*run, which is"):
+    with pytest.raises(
+        PosttrainError, match=r"^input .*ckpt_000100.pt is inside the output directory .*run, which is"
+    ):
         convert.convert_checkpoint(run / "ckpt_000100.pt", run / "tok", run, overwrite=True)
     assert sorted(p.name for p in run.iterdir()) == ["ckpt_000100.pt", "tok"]
 

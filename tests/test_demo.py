@@ -52,8 +52,11 @@ def test_side_by_side_columns():
     long = "word " * 40
     text = demo.side_by_side(
         ["What is two plus two?", "Where does the sun rise?"],
-        {"base": ["gibberish\nwith a newline", long], "sft": ["Two plus two is four.", "The sun rises in the east."],
-         "dpo": ["", "The sun rises in the east."]},
+        {
+            "base": ["gibberish\nwith a newline", long],
+            "sft": ["Two plus two is four.", "The sun rises in the east."],
+            "dpo": ["", "The sun rises in the east."],
+        },
         width=80,
     )
     lines = text.splitlines()

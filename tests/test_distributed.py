@@ -113,7 +113,9 @@ def resolve_launch(argv: list[str]):
 
 
 def test_slurm_renders_one_launch_per_node(tmp_path):
-    commands = render_slurm(tmp_path, 2, "sft", "recipes/demo/sft.yaml", "--learning_rate", "1e-5", "--run_name", "a b")
+    commands = render_slurm(
+        tmp_path, 2, "sft", "recipes/demo/sft.yaml", "--learning_rate", "1e-5", "--run_name", "a b"
+    )
     assert len(commands) == 2
     for rank, argv in enumerate(commands):
         args = resolve_launch(argv)
@@ -131,9 +133,15 @@ def test_slurm_renders_one_launch_per_node(tmp_path):
 def test_slurm_respects_overrides(tmp_path):
     """Another GPU count, address and port; and the single-node ZeRO-2 config, made multi-node by the command line."""
     commands = render_slurm(
-        tmp_path, 2, "dpo", "r.yaml", GPUS_PER_NODE="4", MASTER_ADDR="10.1.2.3", MASTER_PORT="30000",
+        tmp_path,
+        2,
+        "dpo",
+        "r.yaml",
+        GPUS_PER_NODE="4",
+        MASTER_ADDR="10.1.2.3",
+        MASTER_PORT="30000",
         ACCELERATE_CONFIG="accelerate_configs/zero2.yaml",
-    )  # fmt: skip
+    )
     for rank, argv in enumerate(commands):
         args = resolve_launch(argv)
         assert (args.num_machines, args.num_processes, args.machine_rank) == (2, 8, rank)
@@ -155,15 +163,23 @@ def test_slurm_rejects_bad_usage(tmp_path):
 def accelerate_launch(config: str, script: str, recipe: str, *overrides, cwd: Path) -> subprocess.CompletedProcess:
     """`accelerate launch` with a repo config, overriding only what a CPU needs: 2 processes, no bf16."""
     cmd = [
-        str(Path(sys.executable).parent / "accelerate"), "launch",
-        "--config_file", str(CONFIGS / config),
-        "--num_processes", "2",
-        "--mixed_precision", "no",
-        str(REPO / script), str(REPO / recipe), *map(str, overrides),
-    ]  # fmt: skip
+        str(Path(sys.executable).parent / "accelerate"),
+        "launch",
+        "--config_file",
+        str(CONFIGS / config),
+        "--num_processes",
+        "2",
+        "--mixed_precision",
+        "no",
+        str(REPO / script),
+        str(REPO / recipe),
+        *map(str, overrides),
+    ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, f"{' '.join(cmd)}\n--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-6000:]}"
+    assert proc.returncode == 0, (
+        f"{' '.join(cmd)}\n--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-6000:]}"
+    )
     return proc
 
 
@@ -186,7 +202,9 @@ def assert_trained_full_model(out: Path, start: Path) -> None:
     before, after = load_weights(start), load_weights(out)
     assert set(after) == set(before)
     for name, tensor in after.items():
-        assert tensor.shape == before[name].shape, f"{name}: saved {tuple(tensor.shape)}, expected {tuple(before[name].shape)}"
+        assert tensor.shape == before[name].shape, (
+            f"{name}: saved {tuple(tensor.shape)}, expected {tuple(before[name].shape)}"
+        )
         assert not tensor.float().equal(before[name].float()), f"{name} was not trained (or not gathered on save)"
     model = AutoModelForCausalLM.from_pretrained(out)
     assert sum(p.numel() for p in model.parameters()) == sum(t.numel() for t in before.values())
@@ -197,7 +215,10 @@ def assert_zero_checkpoint(out: Path, stage: int) -> None:
     (step_dir,) = out.glob("checkpoint-*/global_step*")
     files = {p.name for p in step_dir.iterdir()}
     for rank in (0, 1):  # each rank's optimizer-state shard (ZeRO-2 and -3)
-        assert {f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt", f"bf16_zero_pp_rank_{rank}_mp_rank_00_optim_states.pt"} & files, files
+        assert {
+            f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt",
+            f"bf16_zero_pp_rank_{rank}_mp_rank_00_optim_states.pt",
+        } & files, files
     param_shards = {f"zero_pp_rank_{rank}_mp_rank_00_model_states.pt" for rank in (0, 1)}
     if stage == 3:  # ... and its parameter shard
         assert param_shards <= files, files
@@ -210,10 +231,32 @@ def train_under_deepspeed(tmp_path, config, stage, script, recipe, model_dir, da
     saved model and the ZeRO checkpoint and returns the trainer's log history."""
     out = tmp_path / "out"
     accelerate_launch(
-        config, script, recipe, "--model_name_or_path", model_dir, "--dataset_name", data_dir, "--output_dir", out,
-        "--max_steps", steps, "--num_train_epochs", "1", "--logging_steps", "1", "--eval_strategy", "no",
-        "--save_strategy", "steps", "--save_steps", steps, "--report_to", "none", *extra, cwd=tmp_path,
-    )  # fmt: skip
+        config,
+        script,
+        recipe,
+        "--model_name_or_path",
+        model_dir,
+        "--dataset_name",
+        data_dir,
+        "--output_dir",
+        out,
+        "--max_steps",
+        steps,
+        "--num_train_epochs",
+        "1",
+        "--logging_steps",
+        "1",
+        "--eval_strategy",
+        "no",
+        "--save_strategy",
+        "steps",
+        "--save_steps",
+        steps,
+        "--report_to",
+        "none",
+        *extra,
+        cwd=tmp_path,
+    )
     assert_trained_full_model(out, model_dir)
     assert_zero_checkpoint(out, stage)
     state = json.loads((out / "trainer_state.json").read_text())
@@ -231,7 +274,15 @@ def train_under_deepspeed(tmp_path, config, stage, script, recipe, model_dir, da
 def test_sft_under_deepspeed(tmp_path, tiny_model_dir, sft_data_dir, config, stage):
     named_backend = ("--ddp_backend", "gloo") if stage == 2 else ()  # a user's own choice is kept
     logs = train_under_deepspeed(
-        tmp_path, config, stage, "posttrain/sft.py", "recipes/demo/sft.yaml", tiny_model_dir, sft_data_dir, 4, *named_backend
+        tmp_path,
+        config,
+        stage,
+        "posttrain/sft.py",
+        "recipes/demo/sft.yaml",
+        tiny_model_dir,
+        sft_data_dir,
+        4,
+        *named_backend,
     )
     losses = [e["loss"] for e in logs if "loss" in e]
     assert len(losses) == 4 and losses[-1] < losses[0]
@@ -242,9 +293,17 @@ def test_sft_under_deepspeed(tmp_path, tiny_model_dir, sft_data_dir, config, sta
 def test_dpo_with_live_reference_under_deepspeed(tmp_path, tiny_model_dir, preference_data_dir, config, stage):
     """DPO with a reference model loaded and prepared next to the policy (sharded too under ZeRO-3)."""
     logs = train_under_deepspeed(
-        tmp_path, config, stage, "posttrain/dpo.py", "recipes/demo/dpo.yaml", tiny_model_dir, preference_data_dir, 3,
-        "--precompute_ref_log_probs", "false",
-    )  # fmt: skip
+        tmp_path,
+        config,
+        stage,
+        "posttrain/dpo.py",
+        "recipes/demo/dpo.yaml",
+        tiny_model_dir,
+        preference_data_dir,
+        3,
+        "--precompute_ref_log_probs",
+        "false",
+    )
     logs = [e for e in logs if "rewards/margins" in e]
     assert [e["step"] for e in logs] == [1, 2, 3]
     # Step 1: policy == reference, so every implicit reward is 0. Later the policy has moved away

@@ -23,12 +23,12 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from helpers import write_demo_recipe
 from safetensors.torch import load_file
 
 from posttrain import fixtures, training
 from posttrain.chat_template import IM_END, IM_START
 from posttrain.recipe import RESOLVED_RECIPE_NAME
-from helpers import write_demo_recipe
 
 REPO = Path(__file__).resolve().parents[1]
 DPO_SCRIPT = REPO / "posttrain" / "dpo.py"
@@ -74,7 +74,11 @@ def multi_turn_row() -> dict:
         {"role": "assistant", "content": a1},
         {"role": "user", "content": q2},
     ]
-    return {"prompt": prompt, "chosen": [{"role": "assistant", "content": a2}], "rejected": [{"role": "assistant", "content": r2}]}
+    return {
+        "prompt": prompt,
+        "chosen": [{"role": "assistant", "content": a2}],
+        "rejected": [{"role": "assistant", "content": r2}],
+    }
 
 
 def unfit_rows(tokenizer) -> list[dict]:
@@ -83,7 +87,14 @@ def unfit_rows(tokenizer) -> list[dict]:
     system = {"role": "system", "content": fixtures.SYSTEM_PROMPT}
 
     def prompt_len(text):
-        return len(tokenizer.apply_chat_template([system, {"role": "user", "content": text}], add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"])
+        return len(
+            tokenizer.apply_chat_template(
+                [system, {"role": "user", "content": text}],
+                add_generation_prompt=True,
+                tokenize=True,
+                return_dict=True,
+            )["input_ids"]
+        )
 
     long_text = "Please answer the question. " * 20
     assert prompt_len(long_text) > MAX_LENGTH
@@ -91,7 +102,10 @@ def unfit_rows(tokenizer) -> list[dict]:
     while prompt_len(words) < MAX_LENGTH - 2:
         words += " sky"
     assert prompt_len(words) == MAX_LENGTH - 2
-    same_start = {"chosen": [{"role": "assistant", "content": "The sky is blue."}], "rejected": [{"role": "assistant", "content": "The sky is green."}]}
+    same_start = {
+        "chosen": [{"role": "assistant", "content": "The sky is blue."}],
+        "rejected": [{"role": "assistant", "content": "The sky is green."}],
+    }
     return [
         {"prompt": [system, {"role": "user", "content": long_text}], **same_start},
         {"prompt": [system, {"role": "user", "content": words}], **same_start},
@@ -107,7 +121,10 @@ def pref_dir(tmp_path_factory, tiny_model_dir):
     rows = fixtures.preference_rows() + [multi_turn_row()]
     for row in rows:  # the learnable pairs fit whole: nothing of them is truncated
         for key in ("chosen", "rejected"):
-            assert len(tok.apply_chat_template(row["prompt"] + row[key], tokenize=True, return_dict=True)["input_ids"]) <= MAX_LENGTH
+            assert (
+                len(tok.apply_chat_template(row["prompt"] + row[key], tokenize=True, return_dict=True)["input_ids"])
+                <= MAX_LENGTH
+            )
     d = tmp_path_factory.mktemp("dpo_data")
     fixtures.write_jsonl(d / "train.jsonl", rows + unfit_rows(tok))
     fixtures.write_jsonl(d / "test.jsonl", rows[:2])
@@ -119,7 +136,9 @@ def response_logps(model, tokenizer, rows) -> torch.Tensor:
     (the assistant's text, <|im_end|> and newline), rendered with the chat template here, not by TRL."""
     out = []
     for row in rows:
-        prompt = tokenizer.apply_chat_template(row["prompt"], add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+        prompt = tokenizer.apply_chat_template(
+            row["prompt"], add_generation_prompt=True, tokenize=True, return_dict=True
+        )["input_ids"]
         pair = []
         for key in ("chosen", "rejected"):
             ids = tokenizer.apply_chat_template(row["prompt"] + row[key], tokenize=True, return_dict=True)["input_ids"]
@@ -177,7 +196,15 @@ def test_output_directory(trained, tiny_model_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
     out, _, _ = trained
-    for name in ("model.safetensors", "config.json", "tokenizer.json", "chat_template.jinja", "generation_config.json", "trainer_state.json", RESOLVED_RECIPE_NAME):
+    for name in (
+        "model.safetensors",
+        "config.json",
+        "tokenizer.json",
+        "chat_template.jinja",
+        "generation_config.json",
+        "trainer_state.json",
+        RESOLVED_RECIPE_NAME,
+    ):
         assert (out / name).is_file(), name
     assert (out / "chat_template.jinja").read_text() == (Path(tiny_model_dir) / "chat_template.jinja").read_text()
     tok = AutoTokenizer.from_pretrained(out)
@@ -186,7 +213,15 @@ def test_output_directory(trained, tiny_model_dir):
     AutoModelForCausalLM.from_pretrained(out)
 
     history = log_history(out)
-    for key in ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen", "logps/rejected"):
+    for key in (
+        "loss",
+        "rewards/chosen",
+        "rewards/rejected",
+        "rewards/margins",
+        "rewards/accuracies",
+        "logps/chosen",
+        "logps/rejected",
+    ):
         assert all(math.isfinite(e[key]) for e in train_logs(out)), key
     evals = [e for e in history if "eval_loss" in e]
     assert [e["step"] for e in evals] == [6, 12] and all("eval_rewards/accuracies" in e for e in evals)
@@ -236,7 +271,16 @@ def test_resume_equals_uninterrupted(trained, tmp_path):
 
 def test_reference_free_trains_and_saves(tmp_path, tiny_model_dir, pref_dir):
     out = tmp_path / "out"
-    recipe = write_recipe(tmp_path / "r.yaml", tiny_model_dir, pref_dir, out, max_steps=4, eval_strategy="no", save_strategy="no", reference_free=True)
+    recipe = write_recipe(
+        tmp_path / "r.yaml",
+        tiny_model_dir,
+        pref_dir,
+        out,
+        max_steps=4,
+        eval_strategy="no",
+        save_strategy="no",
+        reference_free=True,
+    )
     run_dpo(recipe)
     assert (out / "model.safetensors").is_file() and (out / RESOLVED_RECIPE_NAME).is_file()
     logs = train_logs(out)
@@ -256,8 +300,24 @@ def test_lora_reference_is_the_base_and_run_saves(tmp_path, tiny_model_dir, pref
     from posttrain.data import validate_preference_rows
 
     out = tmp_path / "out"
-    lora = dict(use_peft=True, lora_r=8, lora_alpha=16, lora_target_modules=["q_proj", "v_proj"], merge_lora_after_training=True)
-    recipe = write_recipe(tmp_path / "r.yaml", tiny_model_dir, pref_dir, out, max_steps=4, eval_strategy="no", save_strategy="no", learning_rate=1e-2, **lora)
+    lora = dict(
+        use_peft=True,
+        lora_r=8,
+        lora_alpha=16,
+        lora_target_modules=["q_proj", "v_proj"],
+        merge_lora_after_training=True,
+    )
+    recipe = write_recipe(
+        tmp_path / "r.yaml",
+        tiny_model_dir,
+        pref_dir,
+        out,
+        max_steps=4,
+        eval_strategy="no",
+        save_strategy="no",
+        learning_rate=1e-2,
+        **lora,
+    )
 
     # With use_peft, TRL keeps no reference model: the reference is the policy with the adapter disabled.
     script_args, args, model_args, dataset_args = parse(recipe)
@@ -302,7 +362,17 @@ LOSS_AT_START = {
 )
 def test_loss_types_from_the_recipe(tmp_path, tiny_model_dir, pref_dir, loss_type, extra):
     out = tmp_path / "out"
-    recipe = write_recipe(tmp_path / "r.yaml", tiny_model_dir, pref_dir, out, max_steps=2, eval_strategy="no", save_strategy="no", loss_type=loss_type, **extra)
+    recipe = write_recipe(
+        tmp_path / "r.yaml",
+        tiny_model_dir,
+        pref_dir,
+        out,
+        max_steps=2,
+        eval_strategy="no",
+        save_strategy="no",
+        loss_type=loss_type,
+        **extra,
+    )
     run_dpo(recipe)
     logs = train_logs(out)
     assert len(logs) == 2 and all(math.isfinite(e["loss"]) for e in logs)
@@ -311,7 +381,9 @@ def test_loss_types_from_the_recipe(tmp_path, tiny_model_dir, pref_dir, loss_typ
         assert first == pytest.approx(LOSS_AT_START[loss_type], rel=1e-4)
     else:  # log 2 plus half the chosen responses' token-mean NLL (~log 400 for the near-random model)
         assert math.log(2) + 0.5 * 3 < first < math.log(2) + 0.5 * 8
-    assert yaml.safe_load((out / RESOLVED_RECIPE_NAME).read_text())["loss_type"] == ([loss_type] if isinstance(loss_type, str) else loss_type)
+    assert yaml.safe_load((out / RESOLVED_RECIPE_NAME).read_text())["loss_type"] == (
+        [loss_type] if isinstance(loss_type, str) else loss_type
+    )
 
 
 # ------------------------------------------------------- the sequences TRL builds
@@ -336,16 +408,22 @@ def test_sequences_system_prompt_once_and_drop_count(tmp_path, tiny_model_dir, p
         assert prompt == tok.apply_chat_template(row["prompt"], add_generation_prompt=True, tokenize=False)
         for key in ("chosen", "rejected"):
             full = tok.decode(example["prompt_ids"] + example[f"{key}_ids"])
-            assert full.count(f"{IM_START}system\n") == 1 and full.startswith(f"{IM_START}system\n{fixtures.SYSTEM_PROMPT}{IM_END}")
+            assert full.count(f"{IM_START}system\n") == 1 and full.startswith(
+                f"{IM_START}system\n{fixtures.SYSTEM_PROMPT}{IM_END}"
+            )
             # The response is the assistant text and its end-of-turn: what DPO scores.
             assert tok.decode(example[f"{key}_ids"]) == row[key][0]["content"] + IM_END + "\n"
     multi = tok.decode(ds[len(rows) - 1]["prompt_ids"])
-    assert multi.count(f"{IM_START}user\n") == 2 and multi.count(f"{IM_START}assistant\n") == 2  # earlier answer + generation prompt
+    assert (
+        multi.count(f"{IM_START}user\n") == 2 and multi.count(f"{IM_START}assistant\n") == 2
+    )  # earlier answer + generation prompt
 
     # The collated batch: chosen rows then rejected rows, the loss mask exactly on the responses.
     batch = trainer.data_collator([ds[0], ds[1]])
     assert batch["input_ids"].shape[0] == 4
-    for i, (example, key) in enumerate([(ds[0], "chosen"), (ds[1], "chosen"), (ds[0], "rejected"), (ds[1], "rejected")]):
+    for i, (example, key) in enumerate(
+        [(ds[0], "chosen"), (ds[1], "chosen"), (ds[0], "rejected"), (ds[1], "rejected")]
+    ):
         mask = batch["completion_mask"][i].bool()
         assert batch["input_ids"][i][mask].tolist() == example[f"{key}_ids"]
 
@@ -360,7 +438,14 @@ def test_bad_input_is_one_line_before_training(tmp_path, tiny_model_dir, pref_di
     out = tmp_path / "out_loss"
     recipe = write_recipe(tmp_path / "loss.yaml", tiny_model_dir, pref_dir, out)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    proc = subprocess.run([sys.executable, str(DPO_SCRIPT), str(recipe), "--loss_type", "sigmod"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, str(DPO_SCRIPT), str(recipe), "--loss_type", "sigmod"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and proc.stderr.rstrip().endswith(errors[0])
@@ -371,15 +456,36 @@ def test_bad_input_is_one_line_before_training(tmp_path, tiny_model_dir, pref_di
     good = fixtures.preference_rows()[:2]
     hi = [{"role": "user", "content": "Hi"}]
     cases = {
-        "no_rejected": (good + [{"prompt": hi, "chosen": [{"role": "assistant", "content": "Hello."}]}], {}, r"row 3 rejected: expected a non-empty list of messages"),
-        "user_chosen": (good + [{"prompt": hi, "chosen": [{"role": "user", "content": "x"}], "rejected": [{"role": "assistant", "content": "y"}]}], {}, r"row 3 chosen: the last message must be the assistant's"),
-        "robust_smoothing": (good, {"loss_type": "robust", "label_smoothing": 0.5}, r"loss_type robust needs 0 <= label_smoothing < 0.5 \(got 0.5\)"),
+        "no_rejected": (
+            good + [{"prompt": hi, "chosen": [{"role": "assistant", "content": "Hello."}]}],
+            {},
+            r"row 3 rejected: expected a non-empty list of messages",
+        ),
+        "user_chosen": (
+            good
+            + [
+                {
+                    "prompt": hi,
+                    "chosen": [{"role": "user", "content": "x"}],
+                    "rejected": [{"role": "assistant", "content": "y"}],
+                }
+            ],
+            {},
+            r"row 3 chosen: the last message must be the assistant's",
+        ),
+        "robust_smoothing": (
+            good,
+            {"loss_type": "robust", "label_smoothing": 0.5},
+            r"loss_type robust needs 0 <= label_smoothing < 0.5 \(got 0.5\)",
+        ),
         "nothing_fits": (good, {"max_length": 10}, r"no train pair fits in max_length=10; raise max_length"),
     }
     for name, (rows, extra, message) in cases.items():
         data = tmp_path / name
         fixtures.write_jsonl(data / "train.jsonl", rows)
-        recipe = write_recipe(tmp_path / f"{name}.yaml", tiny_model_dir, data, tmp_path / f"out_{name}", eval_strategy="no", **extra)
+        recipe = write_recipe(
+            tmp_path / f"{name}.yaml", tiny_model_dir, data, tmp_path / f"out_{name}", eval_strategy="no", **extra
+        )
         with pytest.raises(SystemExit) as exc:
             training.run(dpo.main, dpo.DPOConfig, [str(recipe)])
         err = capsys.readouterr().err
@@ -399,7 +505,9 @@ def test_production_recipe():
     with warnings.catch_warnings():
         warnings.simplefilter("error", FutureWarning)
         # use_cpu: this machine has no GPU for bf16; the recipe is parsed as on the cluster otherwise.
-        script_args, args, model_args, _ = training.parse(dpo.DPOConfig, [str(REPO / "recipes" / "dpo.yaml"), "--use_cpu", "true"])
+        script_args, args, model_args, _ = training.parse(
+            dpo.DPOConfig, [str(REPO / "recipes" / "dpo.yaml"), "--use_cpu", "true"]
+        )
     gpus = 8
     assert args.per_device_train_batch_size * args.gradient_accumulation_steps * gpus == 128
     assert args.beta == 0.1 and args.loss_type == ["sigmoid"] and not args.reference_free
@@ -420,15 +528,38 @@ def test_precompute_under_zero3_on_two_processes(tmp_path, tiny_model_dir, pref_
     """The STACK_NOTES failure: precompute_ref_log_probs under ZeRO-3 on 2 CPU processes (fixed by
     training.launch_defaults naming the gloo backend, so Accelerate counts both processes)."""
     config = tmp_path / "zero3_cpu.yaml"
-    config.write_text(yaml.safe_dump({
-        "compute_environment": "LOCAL_MACHINE", "distributed_type": "DEEPSPEED", "mixed_precision": "no",
-        "num_machines": 1, "num_processes": 2,
-        "deepspeed_config": {"zero_stage": 3, "zero3_init_flag": True, "zero3_save_16bit_model": True},
-    }))  # fmt: skip
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "compute_environment": "LOCAL_MACHINE",
+                "distributed_type": "DEEPSPEED",
+                "mixed_precision": "no",
+                "num_machines": 1,
+                "num_processes": 2,
+                "deepspeed_config": {"zero_stage": 3, "zero3_init_flag": True, "zero3_save_16bit_model": True},
+            }
+        )
+    )
     out = tmp_path / "out"
-    recipe = write_recipe(tmp_path / "r.yaml", tiny_model_dir, pref_dir, out, max_steps=4, save_strategy="no", eval_steps=4, precompute_ref_log_probs=True)
+    recipe = write_recipe(
+        tmp_path / "r.yaml",
+        tiny_model_dir,
+        pref_dir,
+        out,
+        max_steps=4,
+        save_strategy="no",
+        eval_steps=4,
+        precompute_ref_log_probs=True,
+    )
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    cmd = [str(Path(sys.executable).parent / "accelerate"), "launch", "--config_file", str(config), str(DPO_SCRIPT), str(recipe)]
+    cmd = [
+        str(Path(sys.executable).parent / "accelerate"),
+        "launch",
+        "--config_file",
+        str(config),
+        str(DPO_SCRIPT),
+        str(recipe),
+    ]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-6000:]
     resolved_text = (out / RESOLVED_RECIPE_NAME).read_text()
@@ -441,4 +572,6 @@ def test_precompute_under_zero3_on_two_processes(tmp_path, tiny_model_dir, pref_
     assert all(math.isfinite(e["loss"]) for e in logs)
     before = {k: v for f in Path(tiny_model_dir).glob("*.safetensors") for k, v in load_file(f).items()}
     after = load_file(out / "model.safetensors")
-    assert before.keys() == after.keys() and all(after[k].shape == before[k].shape for k in before)  # gathered, not empty ZeRO-3 shards
+    assert before.keys() == after.keys() and all(
+        after[k].shape == before[k].shape for k in before
+    )  # gathered, not empty ZeRO-3 shards

@@ -19,13 +19,13 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from helpers import write_demo_recipe
 from safetensors.torch import load_file
 
 from posttrain import fixtures, training
 from posttrain.chat_template import IM_END, IM_START
 from posttrain.errors import PosttrainError
 from posttrain.recipe import RESOLVED_RECIPE_NAME
-from helpers import write_demo_recipe
 
 REPO = Path(__file__).resolve().parents[1]
 SFT_SCRIPT = REPO / "posttrain" / "sft.py"
@@ -57,7 +57,12 @@ def make_trainer(recipe: Path, *argv):
     tokenizer = training.load_tokenizer(model_args, training_args)
     train, evaluation = training.load_data(script_args, dataset_args, training_args, validate_sft_rows)
     return training.make_trainer(
-        sft.SFTTrainer, training_args, model_args, train_dataset=train, eval_dataset=evaluation, processing_class=tokenizer
+        sft.SFTTrainer,
+        training_args,
+        model_args,
+        train_dataset=train,
+        eval_dataset=evaluation,
+        processing_class=tokenizer,
     )
 
 
@@ -102,10 +107,15 @@ def test_labels_of_a_two_turn_conversation(tmp_path, tiny_model_dir, sft_data_di
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(trainer.train_dataset))])
     if packing:  # one padding-free row; cut it where position_ids restart
         starts = (batch["position_ids"][0] == 0).nonzero().flatten().tolist() + [batch["input_ids"].shape[1]]
-        rows = [(batch["input_ids"][0, s:e].tolist(), batch["labels"][0, s:e].tolist()) for s, e in zip(starts, starts[1:])]
+        rows = [
+            (batch["input_ids"][0, s:e].tolist(), batch["labels"][0, s:e].tolist()) for s, e in zip(starts, starts[1:])
+        ]
     else:
-        rows = [(i[m.bool()].tolist(), l[m.bool()].tolist()) for i, l, m in zip(batch["input_ids"], batch["labels"], batch["attention_mask"])]
-    labels = next(l for i, l in rows if i == ids)
+        rows = [
+            (i[m.bool()].tolist(), lab[m.bool()].tolist())
+            for i, lab, m in zip(batch["input_ids"], batch["labels"], batch["attention_mask"])
+        ]
+    labels = next(lab for i, lab in rows if i == ids)
 
     assert labels == expected_labels(tok, messages, ids)
     trained = [t for t in labels if t != -100]
@@ -158,7 +168,9 @@ def test_packed_loss_equals_unpacked_loss(tmp_path, tiny_model_dir, sft_data_dir
     singles = []
     for b in bins:
         offsets = torch.tensor([0, *b["seq_lengths"]]).cumsum(0).tolist()
-        singles += [{"input_ids": b["input_ids"][s:e], "labels": b["labels"][s:e]} for s, e in zip(offsets, offsets[1:])]
+        singles += [
+            {"input_ids": b["input_ids"][s:e], "labels": b["labels"][s:e]} for s, e in zip(offsets, offsets[1:])
+        ]
     assert len(singles) == len(fixtures.sft_rows())
     parts = [loss_and_count(padded([s])) for s in singles]
     unpacked_loss = sum(loss * k for loss, k in parts) / sum(k for _, k in parts)
@@ -166,7 +178,11 @@ def test_packed_loss_equals_unpacked_loss(tmp_path, tiny_model_dir, sft_data_dir
     assert n == sum(k for _, k in parts)
     assert packed_loss == pytest.approx(unpacked_loss, rel=1e-5)
     # Sensitivity: the same row run as one causal sequence (conversations see each other) differs.
-    leaky = {"input_ids": packed["input_ids"], "labels": packed["labels"], "attention_mask": torch.ones_like(packed["input_ids"])}
+    leaky = {
+        "input_ids": packed["input_ids"],
+        "labels": packed["labels"],
+        "attention_mask": torch.ones_like(packed["input_ids"]),
+    }
     assert abs(loss_and_count(leaky)[0] - unpacked_loss) > 1e-3
 
 
@@ -221,8 +237,14 @@ def trained(tmp_path_factory, tiny_model_dir, sft_data_dir):
     """The demo recipe, shortened to 64 steps: enough for the tiny model to memorise the conversations."""
     tmp = tmp_path_factory.mktemp("sft_run")
     recipe = write_recipe(
-        tmp / "recipe.yaml", tiny_model_dir, sft_data_dir, tmp / "out",
-        num_train_epochs=16, eval_steps=32, save_steps=32, report_to="tensorboard",
+        tmp / "recipe.yaml",
+        tiny_model_dir,
+        sft_data_dir,
+        tmp / "out",
+        num_train_epochs=16,
+        eval_steps=32,
+        save_steps=32,
+        report_to="tensorboard",
     )
     run_sft(recipe)
     return recipe, tmp / "out"
@@ -246,7 +268,9 @@ def test_output_directory(trained):
     from trl.chat_template_utils import has_generation_markers
 
     recipe, out = trained
-    assert (out / "model.safetensors").is_file() and AutoConfig.from_pretrained(out).architectures == ["LlamaForCausalLM"]
+    assert (out / "model.safetensors").is_file() and AutoConfig.from_pretrained(out).architectures == [
+        "LlamaForCausalLM"
+    ]
     tok = AutoTokenizer.from_pretrained(out)
     assert has_generation_markers((out / "chat_template.jinja").read_text()) and tok.chat_template
     eos = GenerationConfig.from_pretrained(out).eos_token_id
@@ -288,9 +312,14 @@ def test_recipe_yaml_override_and_unknown_keys(tmp_path, tiny_model_dir, sft_dat
     with pytest.raises(PosttrainError, match=r"bad.yaml: unknown key\(s\) packin"):
         parse(bad)
     # A bad value or a bad mixture entry: one line naming where it came from, not argparse's usage.
-    with pytest.raises(PosttrainError, match=r"--learning_rate/--learning-rate: invalid float value: 'abc' \(in recipe .*r.yaml or the command line\)"):
+    with pytest.raises(
+        PosttrainError,
+        match=r"--learning_rate/--learning-rate: invalid float value: 'abc' \(in recipe .*r.yaml or the command line\)",
+    ):
         parse(recipe, "--learning_rate", "abc")
-    entry = write_recipe(tmp_path / "entry.yaml", tiny_model_dir, sft_data_dir, tmp_path / "out", datasets=[{"path": "x", "weight": 1}])
+    entry = write_recipe(
+        tmp_path / "entry.yaml", tiny_model_dir, sft_data_dir, tmp_path / "out", datasets=[{"path": "x", "weight": 1}]
+    )
     with pytest.raises(PosttrainError, match=r"unexpected keyword argument 'weight' \(in recipe .*entry.yaml"):
         parse(entry)
     with pytest.raises(PosttrainError, match=r"^usage: RECIPE.yaml"):
@@ -303,14 +332,24 @@ def test_dataset_mixture_with_weights(tmp_path, tiny_model_dir, sft_data_dir):
     rows = fixtures.sft_rows()
     fixtures.write_jsonl(tmp_path / "b.jsonl", rows[:4])
     recipe = write_recipe(
-        tmp_path / "r.yaml", tiny_model_dir, sft_data_dir, tmp_path / "out", dataset_name=None, eval_strategy="no",
-        datasets=[{"path": str(sft_data_dir), "fraction": 0.75}, {"path": str(tmp_path / "b.jsonl"), "fraction": 0.25}],
+        tmp_path / "r.yaml",
+        tiny_model_dir,
+        sft_data_dir,
+        tmp_path / "out",
+        dataset_name=None,
+        eval_strategy="no",
+        datasets=[
+            {"path": str(sft_data_dir), "fraction": 0.75},
+            {"path": str(tmp_path / "b.jsonl"), "fraction": 0.25},
+        ],
     )
     script_args, args, _, dataset_args = parse(recipe)
     train, evaluation = training.load_data(script_args, dataset_args, args, validate_sft_rows)
     # TRL keeps the first round(w * total) rows of each source, total capped so none is oversampled: 7/0.75.
     assert len(train) == 9 and evaluation is None
-    assert train["messages"][:7] == [r["messages"] for r in rows[:7]] and train["messages"][7:] == [r["messages"] for r in rows[:2]]
+    assert train["messages"][:7] == [r["messages"] for r in rows[:7]] and train["messages"][7:] == [
+        r["messages"] for r in rows[:2]
+    ]
 
 
 def test_production_recipe():
@@ -319,13 +358,17 @@ def test_production_recipe():
     with warnings.catch_warnings():
         warnings.simplefilter("error", FutureWarning)
         # use_cpu: this machine has no GPU for bf16; the recipe is parsed as on the cluster otherwise.
-        script_args, args, model_args, _ = training.parse(trl.SFTConfig, [str(REPO / "recipes" / "sft.yaml"), "--use_cpu", "true"])
+        script_args, args, model_args, _ = training.parse(
+            trl.SFTConfig, [str(REPO / "recipes" / "sft.yaml"), "--use_cpu", "true"]
+        )
     gpus = 8
     assert args.per_device_train_batch_size * args.gradient_accumulation_steps * gpus == 128
     assert args.bf16 and args.packing and args.padding_free is False and args.packing_strategy == "bfd"
     assert args.assistant_only_loss and args.activation_checkpointing and args.max_length == 2048
     assert args.num_train_epochs == 3 and args.max_steps == -1  # epochs decide the step count
-    assert args.learning_rate == 2e-5 and args.lr_scheduler_kwargs == {"min_lr_rate": 0.1}  # 2e-6; min_lr would crash under DeepSpeed
+    assert args.learning_rate == 2e-5 and args.lr_scheduler_kwargs == {
+        "min_lr_rate": 0.1
+    }  # 2e-6; min_lr would crash under DeepSpeed
     assert args.lr_scheduler_type.value == "cosine_with_min_lr" and 0 < args.warmup_steps < 1
     assert (args.weight_decay, args.adam_beta2, args.max_grad_norm) == (0.01, 0.95, 1.0)
     assert args.eval_strategy.value == "steps" and args.save_steps > 0 and args.report_to == ["tensorboard"]
@@ -338,7 +381,9 @@ def test_no_module_shadows_an_import_when_run_as_a_file():
     import importlib.metadata
 
     installed = set(importlib.metadata.packages_distributions())
-    names = {p.stem for p in (REPO / "posttrain").glob("*.py")} | {p.name for p in (REPO / "posttrain").iterdir() if p.is_dir()}
+    names = {p.stem for p in (REPO / "posttrain").glob("*.py")} | {
+        p.name for p in (REPO / "posttrain").iterdir() if p.is_dir()
+    }
     assert not names & (set(sys.stdlib_module_names) | installed)
 
 
@@ -351,8 +396,18 @@ def test_lora_trains_and_saves_adapter_and_merged_model(tmp_path, tiny_model_dir
 
     out = tmp_path / "out"
     recipe = write_recipe(
-        tmp_path / "r.yaml", tiny_model_dir, sft_data_dir, out, max_steps=4, eval_strategy="no", save_strategy="no",
-        learning_rate=1e-2, use_peft=True, lora_r=8, lora_alpha=16, lora_target_modules=["q_proj", "v_proj"],
+        tmp_path / "r.yaml",
+        tiny_model_dir,
+        sft_data_dir,
+        out,
+        max_steps=4,
+        eval_strategy="no",
+        save_strategy="no",
+        learning_rate=1e-2,
+        use_peft=True,
+        lora_r=8,
+        lora_alpha=16,
+        lora_target_modules=["q_proj", "v_proj"],
         merge_lora_after_training=True,
     )
     run_sft(recipe)
@@ -394,18 +449,35 @@ def test_bad_input_is_one_line_before_training(tmp_path, tiny_model_dir, sft_dat
     shutil.copytree(tiny_model_dir, plain)
     template = plain / "chat_template.jinja"
     template.write_text(template.read_text().replace("{%- generation %}", "").replace("{%- endgeneration %}", ""))
-    cases["no_markers"] = (sft_data_dir, plain, r"plain_template_model: its chat template has no \{% generation %\} markers")
+    cases["no_markers"] = (
+        sft_data_dir,
+        plain,
+        r"plain_template_model: its chat template has no \{% generation %\} markers",
+    )
 
     # A path that is not there: local-looking, or taken for a hub id (the Hub is unreachable here).
-    cases["missing_dir"] = (tmp_path / "nowhere", tiny_model_dir, r"dataset .*nowhere not found \(prepare it with data_scripts")
-    cases["not_on_hub"] = ("data/sft_never_prepared", tiny_model_dir, r"dataset data/sft_never_prepared: no such local file or directory, and not loadable as a hub dataset")
+    cases["missing_dir"] = (
+        tmp_path / "nowhere",
+        tiny_model_dir,
+        r"dataset .*nowhere not found \(prepare it with data_scripts",
+    )
+    cases["not_on_hub"] = (
+        "data/sft_never_prepared",
+        tiny_model_dir,
+        r"dataset data/sft_never_prepared: no such local file or directory, and not loadable as a hub dataset",
+    )
 
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     procs = {}
     for name, (data, model, _) in cases.items():
         recipe = write_recipe(tmp_path / f"{name}.yaml", model, data, tmp_path / f"out_{name}", eval_strategy="no")
         procs[name] = subprocess.Popen(
-            [sys.executable, str(SFT_SCRIPT), str(recipe)], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+            [sys.executable, str(SFT_SCRIPT), str(recipe)],
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
         )
     for name, proc in procs.items():
         _, err = proc.communicate(timeout=300)
@@ -431,8 +503,14 @@ def test_gpu_benchmark_arithmetic():
     spec.loader.exec_module(bench)
 
     assert bench.param_count(bench.model_config()) == 1_829_246_976  # the real checkpoint's count
-    tiny = bench.model_config(vocab_size=300, hidden_size=64, intermediate_size=170, num_hidden_layers=2,
-                              num_attention_heads=4, num_key_value_heads=2)
+    tiny = bench.model_config(
+        vocab_size=300,
+        hidden_size=64,
+        intermediate_size=170,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
     assert bench.param_count(tiny) == sum(p.numel() for p in LlamaForCausalLM(tiny).parameters())
     assert bench.peak_tflops("NVIDIA B200") == 2250 and bench.peak_tflops("NVIDIA GB200") == 2500
     assert bench.peak_tflops("NVIDIA H100 80GB HBM3") == 989 and bench.peak_tflops("NVIDIA H100 PCIe") == 756
@@ -442,7 +520,13 @@ def test_gpu_benchmark_arithmetic():
     assert bench.mfu(0.4 * 2250e12 / (6 * n), n, 2250e12) == pytest.approx(0.4)
     assert bench.wall_time_s(17e6, 1e5, gpus=8) == pytest.approx(21.25)
     args = bench.parse_args(["--attn", "sdpa", "--steps", "3"])
-    assert (args.attn, args.steps, args.per_device_batch, args.seq, args.activation_checkpointing) == ("sdpa", 3, 1, 2048, True)
+    assert (args.attn, args.steps, args.per_device_batch, args.seq, args.activation_checkpointing) == (
+        "sdpa",
+        3,
+        1,
+        2048,
+        True,
+    )
     with pytest.raises(SystemExit) as exit_info:
         bench.parse_args(["--help"])
     assert exit_info.value.code == 0
@@ -454,21 +538,41 @@ def test_lora_merge_under_zero3(tmp_path, tiny_model_dir, sft_data_dir):
     zero.Init); and a min_lr the ZeRO optimizer cannot serve is refused in one line."""
     out = tmp_path / "out"
     recipe = write_recipe(
-        tmp_path / "r.yaml", tiny_model_dir, sft_data_dir, out, max_steps=2, eval_strategy="no", save_strategy="no",
-        use_peft=True, lora_r=8, lora_target_modules=["q_proj", "v_proj"], merge_lora_after_training=True,
+        tmp_path / "r.yaml",
+        tiny_model_dir,
+        sft_data_dir,
+        out,
+        max_steps=2,
+        eval_strategy="no",
+        save_strategy="no",
+        use_peft=True,
+        lora_r=8,
+        lora_target_modules=["q_proj", "v_proj"],
+        merge_lora_after_training=True,
     )
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 
     def launch(*overrides):
         cmd = [
-            str(Path(sys.executable).parent / "accelerate"), "launch", "--num_processes", "2", "--mixed_precision", "no",
-            "--config_file", str(REPO / "accelerate_configs" / "zero3.yaml"), str(SFT_SCRIPT), str(recipe), *overrides,
-        ]  # fmt: skip
+            str(Path(sys.executable).parent / "accelerate"),
+            "launch",
+            "--num_processes",
+            "2",
+            "--mixed_precision",
+            "no",
+            "--config_file",
+            str(REPO / "accelerate_configs" / "zero3.yaml"),
+            str(SFT_SCRIPT),
+            str(recipe),
+            *overrides,
+        ]
         return subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
 
     proc = launch()
     assert proc.returncode == 0, proc.stderr[-4000:]
-    assert (out / "adapter_model.safetensors").is_file() and (out / training.MERGED_DIR / "model.safetensors").is_file()
+    assert (out / "adapter_model.safetensors").is_file() and (
+        out / training.MERGED_DIR / "model.safetensors"
+    ).is_file()
     assert (out / RESOLVED_RECIPE_NAME).is_file()
 
     proc = launch("--lr_scheduler_kwargs", '{"min_lr": 2e-6}', "--output_dir", tmp_path / "min_lr")
