@@ -11,7 +11,7 @@ reports that run separately. Deletes the checkpoint afterwards unless --keep.
 
     python benchmarks/convert_full_size.py [--workdir DIR] [--keep] [--no-verify]
 
-Targets (issue 2): under 3 minutes, peak RSS under 2x the converted model
+Targets: under 3 minutes, peak RSS under 2x the converted model
 (loading the whole file would need 3x); stretch ~1x.
 """
 

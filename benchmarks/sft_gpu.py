@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results" / "sft_gpu.json"
-ALPACA_3_EPOCH_TOKENS = 17e6  # 3 x ~5.7M real tokens (PRIOR_SYSTEM.md)
+ALPACA_3_EPOCH_TOKENS = 17e6  # 3 x ~5.7M real tokens (Alpaca: 52K conversations, ~110 tokens each)
 GPUS = 8
 # Dense bf16 peak, TFLOP/s, by a substring of torch.cuda.get_device_name(); the longest match wins.
 PEAK_TFLOPS = {

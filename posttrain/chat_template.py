@@ -1,9 +1,8 @@
-"""The ChatML chat template every converted and trained model carries.
+"""The ChatML chat template every converted and trained model carries, and the tokenizer loaders.
 
-Each assistant message, *including its closing `<|im_end|>`*, sits inside
-`{% generation %}` markers, so TRL's assistant-only loss (which reads those
-markers through `return_assistant_tokens_mask`) trains the model to stop. The
-old system masked `<|im_end|>` out and its SFT model never stopped talking.
+Each assistant message, *including its closing `<|im_end|>`*, sits inside `{% generation %}` markers,
+so TRL's assistant-only loss (which reads those markers through `return_assistant_tokens_mask`) trains
+the model to stop: a model whose `<|im_end|>` is masked out of the loss never learns to end a reply.
 """
 
 from __future__ import annotations
@@ -79,4 +78,34 @@ def load_chat_tokenizer(path: str | os.PathLike):
             f"note: tokenizer {path}: its own chat template was replaced by the ChatML training template",
             file=sys.stderr,
         )
+    return tokenizer
+
+
+def load_training_tokenizer(model_args, training_args, require_generation_markers: bool = True):
+    """The model directory's tokenizer for a training stage; refuse one whose chat template cannot mask the
+    loss to assistant turns (no `{% generation %}` markers), unless the stage does not need them."""
+    from transformers import AutoTokenizer
+    from trl.chat_template_utils import has_generation_markers
+
+    name = model_args.model_name_or_path
+    if not name:
+        raise PosttrainError("the recipe names no model: set model_name_or_path")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            name, revision=model_args.model_revision, trust_remote_code=training_args.trust_remote_code
+        )
+    except (OSError, ValueError) as err:
+        raise PosttrainError(f"model {name}: cannot load its tokenizer ({str(err).splitlines()[0]})") from None
+    template = tokenizer.chat_template
+    path = getattr(training_args, "chat_template_path", None)
+    if path and path.endswith((".jinja", ".j2")) and os.path.isfile(path):
+        template = Path(path).read_text(encoding="utf-8")
+    if require_generation_markers and not (template and has_generation_markers(template)):
+        raise PosttrainError(
+            f"model {name}: its chat template has no {{% generation %}} markers, so the loss cannot be limited to "
+            "assistant turns; convert the model with convert-checkpoint (it installs the ChatML training template) "
+            "or set chat_template_path to a .jinja template that has them"
+        )
+    if not template:
+        raise PosttrainError(f"model {name}: its tokenizer has no chat template to render the prompts with")
     return tokenizer

@@ -1,4 +1,4 @@
-"""Convert a pre-training checkpoint (../shared/SOURCE_FORMAT.md) into a
+"""Convert a pre-training checkpoint (docs/source_format.md) into a
 Hugging Face `LlamaForCausalLM` directory that computes exactly what the
 original computed.
 

@@ -15,8 +15,8 @@ import dataclasses
 import json
 from pathlib import Path
 
-from posttrain.chat_template import ROLES
 from posttrain.errors import PosttrainError
+from posttrain.messages import DESCRIPTIONS, EMPTY_FINAL_ASSISTANT, UNKNOWN_ROLE, message_problem
 
 _BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 
@@ -136,6 +136,22 @@ def load_source(path: str, name: str | None = None, split: str | None = None, st
     return ds[split]
 
 
+def load_datasets(script_args, mixture_args, training_args, validate_rows):
+    """(train, eval-or-None) as the recipe names them, every row checked by `validate_rows` before any model
+    loads (a streamed dataset is checked by the trainer as it goes)."""
+    import datasets
+
+    train, evaluation = load_train_eval(script_args, mixture_args, want_eval=training_args.eval_strategy != "no")
+    if mixture_args.datasets:
+        source = "mixture " + ",".join(d.path for d in mixture_args.datasets)
+    else:
+        source = script_args.dataset_name
+    for split, ds in (("train", train), ("eval", evaluation)):
+        if isinstance(ds, datasets.Dataset):
+            validate_rows(ds, f"{source} ({split})")
+    return train, evaluation
+
+
 def load_train_eval(script_args, mixture_args, want_eval: bool):
     """The (train, eval-or-None) datasets a recipe names: `datasets:` mixture or `dataset_name`."""
     import datasets
@@ -179,15 +195,12 @@ def load_train_eval(script_args, mixture_args, want_eval: bool):
 
 
 def _check_messages(messages, where: str, final_assistant: bool = False) -> None:
-    if not isinstance(messages, list) or not messages:
-        raise PosttrainError(f"{where}: expected a non-empty list of messages")
-    for m in messages:
-        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
-            raise PosttrainError(
-                f"{where}: each message needs a role in {ROLES} and a string content, got {m!r}"[:300]
-            )
-    if final_assistant and messages[-1]["role"] != "assistant":
-        raise PosttrainError(f"{where}: the last message must be the assistant's")
+    problem = message_problem(messages, final_assistant)
+    if problem == UNKNOWN_ROLE:
+        bad = next(m for m in messages if message_problem([m]))
+        raise PosttrainError(f"{where}: {DESCRIPTIONS[problem]}, got {bad!r}"[:300])
+    if problem and problem != EMPTY_FINAL_ASSISTANT:  # an empty response is named by the callers
+        raise PosttrainError(f"{where}: {DESCRIPTIONS[problem]}")
 
 
 def validate_sft_rows(dataset, source: str) -> None:

@@ -1,7 +1,7 @@
 """Tiny, offline stand-ins for the real inputs, shared by the tests, the demo
 and the benchmarks: a byte-level BPE tokenizer with the Qwen special tokens, a
 random checkpoint written exactly in the pre-training source format
-(../shared/SOURCE_FORMAT.md), and small SFT and preference datasets.
+(docs/source_format.md), and small SFT and preference datasets.
 
 Nothing here downloads anything; everything is deterministic given a seed.
 """
@@ -75,7 +75,7 @@ def preference_rows(system_prompt: str | None = SYSTEM_PROMPT) -> list[dict]:
 
 def alpaca_lengths(n: int = 52002, seed: int = 0) -> list[int]:
     """Token counts shaped like Alpaca in ChatML, for the packing benchmarks: mean ~110, median
-    ~90, a long tail clipped at 1,120 (52,002 of them: ~5.7M tokens, as in PRIOR_SYSTEM.md).
+    ~90, a long tail clipped at 1,120 (52,002 of them: ~5.7M tokens, as Alpaca has).
     A floor of 40 (system prompt and scaffolding) plus a log-normal body."""
     sigma = 0.8
     gen = torch.Generator().manual_seed(seed)

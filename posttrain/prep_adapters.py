@@ -19,16 +19,13 @@ import re
 from collections import defaultdict
 
 from posttrain.chat_template import ROLES
+from posttrain.messages import EMPTY_FIELD, EMPTY_FINAL_ASSISTANT, NO_FINAL_ASSISTANT, UNKNOWN_ROLE, message_problem
 
 DEFAULT_SYSTEM_PROMPT = (
     "You are a helpful, harmless, and honest assistant. Always answer as helpfully as possible while being safe."
 )
 
-# Drop reasons: the keys of meta.json "dropped".
-EMPTY_FIELD = "empty_or_missing_field"
-UNKNOWN_ROLE = "unknown_role"
-NO_FINAL_ASSISTANT = "no_final_assistant_turn"
-EMPTY_FINAL_ASSISTANT = "empty_final_assistant_turn"
+# Drop reasons: the keys of meta.json "dropped" (those of the message shape are posttrain.messages').
 PROMPT_MISMATCH = "chosen_rejected_prompt_mismatch"
 SAME_RESPONSE = "chosen_equals_rejected"
 DUPLICATE = "duplicate"
@@ -101,12 +98,9 @@ def _check_filled(messages: list[dict]) -> None:
 
 def _split_final(messages: list[dict]) -> tuple[list[dict], str]:
     """(everything before the final assistant turn, its content)."""
-    if not messages:
-        raise Drop(EMPTY_FIELD)
-    if messages[-1]["role"] != "assistant":
-        raise Drop(NO_FINAL_ASSISTANT)
-    if not messages[-1]["content"]:
-        raise Drop(EMPTY_FINAL_ASSISTANT)
+    problem = message_problem(messages, final_assistant=True)
+    if problem:
+        raise Drop(problem)
     return messages[:-1], messages[-1]["content"]
 
 

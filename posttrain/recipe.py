@@ -1,33 +1,84 @@
 """Recipes: one YAML file of TRL dataclass fields, overridable from the command line.
 
-`sft.py` and `dpo.py` parse their recipe here, the same way: TRL's own
-`TrlParser` and dataclasses (`ScriptArguments`, `SFTConfig`/`DPOConfig`,
-`ModelConfig`, `DatasetMixtureConfig`), plus a positional YAML path (TRL only
-reads `--config PATH`) and one-line errors for unknown keys. The resolved
-recipe (every effective setting) is saved next to the model so a run can be
-reproduced from its output alone.
+    recipe = parse_stage_recipe(trl.SFTConfig, ["recipes/sft.yaml", "--learning_rate", "1e-5"])
+
+Parsing is TRL's `TrlParser` over its own dataclasses (`ScriptArguments`, `SFTConfig`/`DPOConfig`,
+`ModelConfig`, `DatasetMixtureConfig`) plus this project's few keys. What is added here: a positional
+YAML path, one-line errors instead of argparse's usage dump, defaults that depend on the launch, and the
+resolved recipe saved next to the model so that a run can be repeated from its output alone.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
+import os
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import trl
 import yaml
 
 from posttrain.atomic import atomic_write_text
 from posttrain.errors import PosttrainError
 
 RESOLVED_RECIPE_NAME = "recipe.resolved.yaml"
+MERGED_DIR = "merged"
 
 
-def _known_keys(parser) -> set[str]:
-    return {action.dest for action in parser._actions}
+@dataclass
+class ScriptArguments(trl.ScriptArguments):
+    """TRL's ScriptArguments plus the keys this project's stages add."""
+
+    merge_lora_after_training: bool = field(
+        default=False,
+        metadata={
+            "help": f"With use_peft: also save the base model with the adapter merged in, in OUTPUT_DIR/{MERGED_DIR}."
+        },
+    )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "Start over in an output_dir that holds checkpoints of an earlier run (they are deleted)."},
+    )
 
 
-def _read_yaml(path: str) -> dict:
+@dataclass
+class Recipe:
+    """What `parse_stage_recipe` decided: the four argument groups TRL's scripts take, and the launch-dependent
+    defaults it applied (re-derived at each launch, so they are left out of the saved recipe)."""
+
+    script_args: ScriptArguments
+    training_args: trl.SFTConfig | trl.DPOConfig
+    model_args: trl.ModelConfig
+    dataset_args: trl.DatasetMixtureConfig
+    launch_defaults: dict = field(default_factory=dict)
+
+    @property
+    def arguments(self) -> tuple:
+        """(script_args, training_args, model_args, dataset_args), as TRL's scripts take them."""
+        return self.script_args, self.training_args, self.model_args, self.dataset_args
+
+
+def launch_defaults() -> dict:
+    """Defaults that depend on how the script was launched.
+
+    DeepSpeed on processes without a GPU (the CPU tests and the demo): with no backend named, Accelerate
+    lets DeepSpeed create a gloo process group but records one process on every rank, so the
+    `train_batch_size` it writes into the DeepSpeed config is short by the world size and the first engine
+    DeepSpeed builds fails its own batch-size check. Naming the backend makes Accelerate count the
+    processes. On GPUs nothing changes (NCCL is found as before).
+    """
+    import torch
+
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true" and not torch.cuda.is_available():
+        return {"ddp_backend": "gloo"}
+    return {}
+
+
+def read_recipe_yaml(path: str) -> dict:
+    """The recipe's mapping, or one line naming the file (and the line of a YAML syntax error)."""
     try:
         with open(path, encoding="utf-8") as fh:
             data = yaml.safe_load(fh)
@@ -45,8 +96,8 @@ def _read_yaml(path: str) -> dict:
 
 
 def _recipe_argv(argv: Sequence[str] | None) -> tuple[list[str], str | None]:
-    """argv with a positional `RECIPE.yaml` turned into `--config RECIPE.yaml` (TRL's form), and
-    the recipe's path (None when there is no recipe)."""
+    """argv with a positional `RECIPE.yaml` turned into `--config RECIPE.yaml` (TRL's form), and the recipe's
+    path (None when there is no recipe)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and not argv[0].startswith("-") and argv[0].endswith((".yaml", ".yml")):
         argv = ["--config", *argv]
@@ -61,17 +112,18 @@ def _recipe_argv(argv: Sequence[str] | None) -> tuple[list[str], str | None]:
 def parse_recipe(dataclass_types: Sequence[type], argv: Sequence[str] | None = None, defaults: dict | None = None):
     """Parse `RECIPE.yaml [--key value ...]` (or `--config RECIPE.yaml ...`) into TRL dataclasses.
 
-    YAML keys become defaults; command-line flags override them. An unknown key,
-    in the YAML or on the command line, is a PosttrainError naming it. `defaults`
-    replace the dataclasses' own defaults (the YAML and the command line still win).
+    Returns (dataclass instances, the keys the user set in the YAML or on the command line). YAML keys
+    become defaults and command-line flags override them; `defaults` replace the dataclasses' own. An
+    unknown key or a rejected value is a PosttrainError naming it.
     """
-    from trl import TrlParser
-
     argv, path = _recipe_argv(argv)
     if not argv:
         raise PosttrainError("usage: RECIPE.yaml [--key value ...]  (or --help for every key)")
-    parser = TrlParser(list(dataclass_types))
+    user_keys = {a[2:].split("=", 1)[0] for a in argv if a.startswith("--") and a != "--config"}
+    if path:
+        user_keys |= set(read_recipe_yaml(path))  # also the one-line errors TRL's own reading lacks
     where = f"recipe {path} or the command line" if path else "the command line"
+    parser = trl.TrlParser(list(dataclass_types))
 
     def one_line_error(message: str):  # argparse would print the whole usage (~150 lines) first
         raise PosttrainError(f"{message} (in {where})")
@@ -79,20 +131,65 @@ def parse_recipe(dataclass_types: Sequence[type], argv: Sequence[str] | None = N
     parser.error = one_line_error
     if defaults:
         parser.set_defaults_with_config(**defaults)
-    if path:
-        unknown = sorted(set(_read_yaml(path)) - _known_keys(parser) - {"env"})
-        if unknown:
+    try:
+        parsed = parser.parse_args_and_config(args=argv)
+    except (ValueError, TypeError) as err:  # an unknown key, or a dataclass rejected a value
+        msg = str(err)
+        if msg.startswith("Unknown arguments from config file"):
+            unknown = sorted(a[2:] for a in msg.split("[", 1)[1].split("]", 1)[0].split("'")[1::2] if a[:2] == "--")
             raise PosttrainError(
                 f"recipe {path}: unknown key(s) {', '.join(unknown)} "
                 f"(not a field of {', '.join(t.__name__ for t in dataclass_types)})"
-            )
-    try:
-        return parser.parse_args_and_config(args=argv)
-    except (ValueError, TypeError) as err:  # a dataclass rejected a value, or a `datasets:` entry a key
-        msg = str(err)
+            ) from None
         if "not used by the HfArgumentParser" in msg:
             raise PosttrainError(f"unknown command-line argument(s): {msg.split(':', 1)[1].strip()}") from None
         raise PosttrainError(f"{msg.splitlines()[0] if msg else type(err).__name__} (in {where})") from None
+    return parsed, user_keys
+
+
+def parse_stage_recipe(config_cls: type, argv: Sequence[str] | None = None) -> Recipe:
+    """A training stage's recipe: ScriptArguments, `config_cls` (SFTConfig/DPOConfig), ModelConfig and the
+    dataset mixture, with the launch defaults the user did not override recorded in the result."""
+    defaults = launch_defaults()
+    groups, user_keys = parse_recipe(
+        [ScriptArguments, config_cls, trl.ModelConfig, trl.DatasetMixtureConfig], argv, defaults
+    )
+    applied = {k: v for k, v in defaults.items() if k not in user_keys}
+    recipe = Recipe(*groups, launch_defaults=applied)
+    check_stage_values(recipe)
+    return recipe
+
+
+DTYPES = ("auto", "bfloat16", "float16", "float32")
+
+
+def check_stage_values(recipe: Recipe) -> None:
+    """Refuse, before any model loads, values the trainers would accept and then fail or mistrain on."""
+    args = recipe.training_args
+    if not (math.isfinite(args.learning_rate) and args.learning_rate > 0):
+        raise PosttrainError(f"learning_rate must be a positive number (got {args.learning_rate})")
+    for key in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
+        if getattr(args, key) < 1:
+            raise PosttrainError(f"{key} must be at least 1 (got {getattr(args, key)})")
+    if recipe.model_args.dtype not in (None, *DTYPES):
+        raise PosttrainError(f"dtype {recipe.model_args.dtype!r} is not one of {', '.join(DTYPES)}")
+    if args.max_steps <= 0 and not args.num_train_epochs > 0:
+        raise PosttrainError(
+            f"num_train_epochs: {args.num_train_epochs} with max_steps: {args.max_steps} trains 0 steps; "
+            "set num_train_epochs > 0 or max_steps > 0"
+        )
+    mixture = recipe.dataset_args.datasets or []
+    if not mixture and not recipe.script_args.dataset_name:
+        raise PosttrainError("the recipe names no data: set dataset_name or a non-empty datasets: mixture")
+    for entry in mixture:
+        if entry.fraction is not None and not 0 < entry.fraction <= 1:
+            raise PosttrainError(f"datasets: {entry.path} has fraction {entry.fraction}; a fraction must be in (0, 1]")
+    if "min_lr" in (args.lr_scheduler_kwargs or {}) and args.deepspeed_plugin is not None:
+        # transformers computes min_lr / optimizer.defaults["lr"], and ZeRO optimizers have no defaults
+        raise PosttrainError(
+            "lr_scheduler_kwargs min_lr crashes under DeepSpeed; give the floor as a fraction of "
+            "learning_rate instead: lr_scheduler_kwargs: {min_lr_rate: MIN_LR / LEARNING_RATE}"
+        )
 
 
 def _plain(value):
@@ -123,8 +220,8 @@ def resolved_recipe(*configs) -> dict:
             items = config.to_dict()
             names = {f.name for f in dataclasses.fields(config) if f.init}
             items = {k: v for k, v in items.items() if k in names}
-            # to_dict masks every `*_token` field as "<NAME>"; keep the real values (eos_token
-            # matters to training) but never the secret, and drop aliases that would warn on re-parse.
+            # to_dict masks every `*_token` field as "<NAME>"; keep the real values (eos_token matters to
+            # training) but never the secret, and drop aliases that would warn on re-parse.
             items.update({k: getattr(config, k) for k in items if k.endswith("_token")})
             for key in _NOT_SAVED:
                 items.pop(key, None)
@@ -135,25 +232,22 @@ def resolved_recipe(*configs) -> dict:
     return merged
 
 
-def explicit_keys(argv: Sequence[str] | None = None) -> set[str]:
-    """The keys a user set: those of the recipe YAML and the `--key` flags of the command line."""
-    argv, path = _recipe_argv(argv)
-    keys = {a[2:].split("=", 1)[0] for a in argv if a.startswith("--") and a != "--config"}
-    return keys | (set(_read_yaml(path)) if path else set())
-
-
-def save_resolved_recipe(output_dir: str | Path, *configs, launch: dict | None = None) -> Path:
+def save_resolved_recipe(
+    output_dir: str | Path, *configs, overrides: dict | None = None, launch: dict | None = None
+) -> Path:
     """Write the resolved recipe as YAML next to the model: rerunnable with `sft.py THIS.yaml`.
 
-    `launch` (processes, distributed type, ZeRO stage, precision) is recorded as a comment
-    header: it comes from the accelerate config, not the recipe, but the effective batch
-    depends on it."""
+    `overrides` replace settings that must not be repeated by a rerun (a resume path, launch defaults).
+    `launch` (processes, distributed type, ZeRO stage, precision) is recorded as a comment header: it comes
+    from the accelerate config, not the recipe, but the effective batch depends on it.
+    """
     path = Path(output_dir) / RESOLVED_RECIPE_NAME
     text = (
         "# Every effective setting of this run; rerun with: accelerate launch posttrain/<stage>.py " + path.name + "\n"
     )
     for key, value in (launch or {}).items():
         text += f"# launched with {key}: {value}\n"
-    text += yaml.safe_dump(resolved_recipe(*configs), sort_keys=True)
+    settings = {**resolved_recipe(*configs), **{k: _plain(v) for k, v in (overrides or {}).items()}}
+    text += yaml.safe_dump(settings, sort_keys=True)
     atomic_write_text(path, text)
     return path

@@ -1,5 +1,5 @@
 """The ORIGINAL pre-training architecture as a plain forward pass, written from
-../shared/SOURCE_FORMAT.md and nothing else, so that `convert-checkpoint --verify`
+docs/source_format.md and nothing else, so that `convert-checkpoint --verify`
 compares the converted Hugging Face model against an independent statement of
 what the checkpoint computes (not against the conversion's own assumptions).
 

@@ -15,12 +15,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import REPO
 
 from posttrain.data import load_source, validate_preference_rows, validate_sft_rows
 from posttrain.fixtures import write_jsonl
 from posttrain.prep_adapters import DEFAULT_SYSTEM_PROMPT as SYS
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def _script(name: str):

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "accelerate_configs"
 SLURM_SCRIPT = REPO / "recipes" / "launch.slurm"
 

@@ -11,7 +11,7 @@ resume tests.
 
 from __future__ import annotations
 
-import json
+import functools
 import math
 import os
 import re
@@ -20,17 +20,18 @@ import subprocess
 import sys
 from pathlib import Path
 
+import helpers
 import pytest
 import torch
 import yaml
-from helpers import write_demo_recipe
+from helpers import REPO, build_stage_trainer, log_history, one_error_line, parse_stage, run_stage
 from safetensors.torch import load_file
 
-from posttrain import fixtures, training
+from posttrain import fixtures
 from posttrain.chat_template import IM_END, IM_START
-from posttrain.recipe import RESOLVED_RECIPE_NAME
+from posttrain.errors import run_cli
+from posttrain.recipe import MERGED_DIR, RESOLVED_RECIPE_NAME
 
-REPO = Path(__file__).resolve().parents[1]
 DPO_SCRIPT = REPO / "posttrain" / "dpo.py"
 BETA = 0.1
 MAX_LENGTH = 128  # the demo recipe's
@@ -38,24 +39,13 @@ STEPS = 12  # 7 kept pairs, 2 per step: 4 steps per epoch, 3 epochs
 DROP_MESSAGE = re.compile(r"dpo: dropped 2 of 9 train pairs that leave no room within max_length=128")
 
 
-def write_recipe(path: Path, model_dir, data_dir, output_dir, **overrides) -> Path:
-    return write_demo_recipe("dpo", path, model_dir, data_dir, output_dir, **overrides)
+write_recipe = functools.partial(helpers.write_recipe, "dpo")
+run_dpo = functools.partial(run_stage, "dpo")
+SHORT_RUN = dict(eval_strategy="no", save_strategy="no")  # train and save the final model only
 
 
 def parse(*argv):
-    from posttrain import dpo
-
-    return training.parse(dpo.DPOConfig, [str(a) for a in argv])
-
-
-def run_dpo(*argv):
-    from posttrain import dpo
-
-    dpo.main(*parse(*argv))
-
-
-def log_history(out: Path) -> list[dict]:
-    return json.loads((out / "trainer_state.json").read_text())["log_history"]
+    return parse_stage("dpo", *argv).arguments
 
 
 def train_logs(out: Path) -> list[dict]:
@@ -277,8 +267,7 @@ def test_reference_free_trains_and_saves(tmp_path, tiny_model_dir, pref_dir):
         pref_dir,
         out,
         max_steps=4,
-        eval_strategy="no",
-        save_strategy="no",
+        **SHORT_RUN,
         reference_free=True,
     )
     run_dpo(recipe)
@@ -296,9 +285,6 @@ def test_lora_reference_is_the_base_and_run_saves(tmp_path, tiny_model_dir, pref
     from accelerate.utils import is_peft_model
     from transformers import AutoModelForCausalLM
 
-    from posttrain import dpo
-    from posttrain.data import validate_preference_rows
-
     out = tmp_path / "out"
     lora = dict(
         use_peft=True,
@@ -313,17 +299,13 @@ def test_lora_reference_is_the_base_and_run_saves(tmp_path, tiny_model_dir, pref
         pref_dir,
         out,
         max_steps=4,
-        eval_strategy="no",
-        save_strategy="no",
+        **SHORT_RUN,
         learning_rate=1e-2,
         **lora,
     )
 
     # With use_peft, TRL keeps no reference model: the reference is the policy with the adapter disabled.
-    script_args, args, model_args, dataset_args = parse(recipe)
-    tok = training.load_tokenizer(model_args, args, require_generation_markers=False)
-    train, _ = training.load_data(script_args, dataset_args, args, validate_preference_rows)
-    trainer = training.make_trainer(dpo.PreferenceTrainer, args, model_args, train_dataset=train, processing_class=tok)
+    trainer = build_stage_trainer("dpo", recipe)
     assert trainer.ref_model is None and is_peft_model(trainer.model)
     del trainer
 
@@ -334,7 +316,7 @@ def test_lora_reference_is_the_base_and_run_saves(tmp_path, tiny_model_dir, pref
     assert (out / RESOLVED_RECIPE_NAME).is_file() and (out / "generation_config.json").is_file()
     ids = torch.tensor([[5, 17, 42, 99, 7]])
     with torch.no_grad():
-        merged = AutoModelForCausalLM.from_pretrained(out / training.MERGED_DIR)(ids).logits
+        merged = AutoModelForCausalLM.from_pretrained(out / MERGED_DIR)(ids).logits
         base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)(ids).logits
     assert not torch.allclose(merged, base, atol=1e-4)
 
@@ -368,8 +350,7 @@ def test_loss_types_from_the_recipe(tmp_path, tiny_model_dir, pref_dir, loss_typ
         pref_dir,
         out,
         max_steps=2,
-        eval_strategy="no",
-        save_strategy="no",
+        **SHORT_RUN,
         loss_type=loss_type,
         **extra,
     )
@@ -390,14 +371,9 @@ def test_loss_types_from_the_recipe(tmp_path, tiny_model_dir, pref_dir, loss_typ
 
 
 def test_sequences_system_prompt_once_and_drop_count(tmp_path, tiny_model_dir, pref_dir, capsys):
-    from posttrain import dpo
-    from posttrain.data import validate_preference_rows
-
     recipe = write_recipe(tmp_path / "r.yaml", tiny_model_dir, pref_dir, tmp_path / "out", eval_strategy="no")
-    script_args, args, model_args, dataset_args = parse(recipe)
-    tok = training.load_tokenizer(model_args, args, require_generation_markers=False)
-    train, _ = training.load_data(script_args, dataset_args, args, validate_preference_rows)
-    trainer = training.make_trainer(dpo.PreferenceTrainer, args, model_args, train_dataset=train, processing_class=tok)
+    trainer = build_stage_trainer("dpo", recipe)
+    tok = trainer.processing_class
     assert DROP_MESSAGE.search(capsys.readouterr().out)
 
     rows = fixtures.preference_rows() + [multi_turn_row()]
@@ -432,7 +408,6 @@ def test_sequences_system_prompt_once_and_drop_count(tmp_path, tiny_model_dir, p
 
 
 def test_bad_input_is_one_line_before_training(tmp_path, tiny_model_dir, pref_dir, capsys):
-    from posttrain import dpo
 
     # A misspelt loss type, through the real command line: exit 2, one line, nothing written.
     out = tmp_path / "out_loss"
@@ -447,9 +422,9 @@ def test_bad_input_is_one_line_before_training(tmp_path, tiny_model_dir, pref_di
         timeout=300,
     )
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and proc.stderr.rstrip().endswith(errors[0])
-    assert "loss_type sigmod: not one of sigmoid" in errors[0]
+    error = one_error_line(proc.stderr)
+    assert proc.stderr.rstrip().endswith(error)
+    assert "loss_type sigmod: not one of sigmoid" in error
     assert not out.exists()
 
     # Rows or settings the trainer cannot use, in-process through the same CLI wrapper.
@@ -487,10 +462,9 @@ def test_bad_input_is_one_line_before_training(tmp_path, tiny_model_dir, pref_di
             tmp_path / f"{name}.yaml", tiny_model_dir, data, tmp_path / f"out_{name}", eval_strategy="no", **extra
         )
         with pytest.raises(SystemExit) as exc:
-            training.run(dpo.main, dpo.DPOConfig, [str(recipe)])
+            run_cli(lambda recipe=recipe: run_stage("dpo", recipe))
         err = capsys.readouterr().err
-        errors = [line for line in err.splitlines() if line.startswith("error:")]
-        assert exc.value.code == 2 and len(errors) == 1 and re.search(message, errors[0]), err
+        assert exc.value.code == 2 and re.search(message, one_error_line(err)), err
         assert not (tmp_path / f"out_{name}").exists()
 
 
@@ -500,14 +474,10 @@ def test_bad_input_is_one_line_before_training(tmp_path, tiny_model_dir, pref_di
 def test_production_recipe():
     import warnings
 
-    from posttrain import dpo
-
     with warnings.catch_warnings():
         warnings.simplefilter("error", FutureWarning)
         # use_cpu: this machine has no GPU for bf16; the recipe is parsed as on the cluster otherwise.
-        script_args, args, model_args, _ = training.parse(
-            dpo.DPOConfig, [str(REPO / "recipes" / "dpo.yaml"), "--use_cpu", "true"]
-        )
+        script_args, args, model_args, _ = parse(REPO / "recipes" / "dpo.yaml", "--use_cpu", "true")
     gpus = 8
     assert args.per_device_train_batch_size * args.gradient_accumulation_steps * gpus == 128
     assert args.beta == 0.1 and args.loss_type == ["sigmoid"] and not args.reference_free
@@ -525,8 +495,8 @@ def test_production_recipe():
 
 @pytest.mark.slow
 def test_precompute_under_zero3_on_two_processes(tmp_path, tiny_model_dir, pref_dir):
-    """The STACK_NOTES failure: precompute_ref_log_probs under ZeRO-3 on 2 CPU processes (fixed by
-    training.launch_defaults naming the gloo backend, so Accelerate counts both processes)."""
+    """precompute_ref_log_probs under ZeRO-3 on 2 CPU processes: DeepSpeed's batch-size check failed until
+    recipe.launch_defaults named the gloo backend, so that Accelerate counts both processes."""
     config = tmp_path / "zero3_cpu.yaml"
     config.write_text(
         yaml.safe_dump(

@@ -7,6 +7,7 @@ One memorisation run (module fixture) serves the generation and output-directory
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -16,54 +17,35 @@ import sys
 import warnings
 from pathlib import Path
 
+import helpers
 import pytest
 import torch
 import yaml
-from helpers import write_demo_recipe
+from helpers import REPO, build_stage_trainer, one_error_line, parse_stage, run_stage
 from safetensors.torch import load_file
 
-from posttrain import fixtures, training
+from posttrain import fixtures
 from posttrain.chat_template import IM_END, IM_START
 from posttrain.errors import PosttrainError
-from posttrain.recipe import RESOLVED_RECIPE_NAME
+from posttrain.recipe import MERGED_DIR, RESOLVED_RECIPE_NAME
+from posttrain.run_dir import claim_output_dir, resume_checkpoint
 
-REPO = Path(__file__).resolve().parents[1]
 SFT_SCRIPT = REPO / "posttrain" / "sft.py"
 TWO_TURN = 6  # index of the two-turn conversation in fixtures.sft_rows()
 
 
-def write_recipe(path: Path, model_dir, data_dir, output_dir, **overrides) -> Path:
-    return write_demo_recipe("sft", path, model_dir, data_dir, output_dir, **overrides)
+write_recipe = functools.partial(helpers.write_recipe, "sft")
+run_sft = functools.partial(run_stage, "sft")
+SHORT_RUN = dict(eval_strategy="no", save_strategy="no")  # train and save the final model only
 
 
 def parse(*argv):
-    import trl
-
-    return training.parse(trl.SFTConfig, [str(a) for a in argv])
-
-
-def run_sft(*argv):
-    from posttrain import sft
-
-    sft.main(*parse(*argv))
+    return parse_stage("sft", *argv).arguments
 
 
 def make_trainer(recipe: Path, *argv):
     """The SFT trainer exactly as sft.main builds it, without training."""
-    from posttrain import sft
-    from posttrain.data import validate_sft_rows
-
-    script_args, training_args, model_args, dataset_args = parse(recipe, *argv)
-    tokenizer = training.load_tokenizer(model_args, training_args)
-    train, evaluation = training.load_data(script_args, dataset_args, training_args, validate_sft_rows)
-    return training.make_trainer(
-        sft.SFTTrainer,
-        training_args,
-        model_args,
-        train_dataset=train,
-        eval_dataset=evaluation,
-        processing_class=tokenizer,
-    )
+    return build_stage_trainer("sft", recipe, *argv)
 
 
 def greedy(model, tokenizer, messages):
@@ -214,18 +196,24 @@ def test_resume_and_output_dir_errors(tmp_path, tiny_model_dir, sft_data_dir):
     recipe = write_recipe(tmp_path / "r.yaml", tiny_model_dir, sft_data_dir, tmp_path / "out")
     script_args, training_args, *_ = parse(recipe, "--resume_from_checkpoint", "true")
     with pytest.raises(PosttrainError, match=r"no checkpoint-N directory in .*out"):
-        training.resume_checkpoint(script_args, training_args)
+        resume_checkpoint(script_args, training_args)
     (tmp_path / "out" / "checkpoint-3").mkdir(parents=True)
-    (tmp_path / "out" / "checkpoint-3" / "trainer_state.json").write_text("{}")
+    (tmp_path / "out" / "checkpoint-3" / "trainer_state.json").write_text('{"global_step": 3}')
+    (tmp_path / "out" / "checkpoint-3" / "model.safetensors").write_bytes(b"")
     script_args, training_args, *_ = parse(recipe)
     with pytest.raises(PosttrainError, match="checkpoints of an earlier run.*--resume_from_checkpoint true"):
-        training.resume_checkpoint(script_args, training_args)
+        resume_checkpoint(script_args, training_args)
     (tmp_path / "out" / RESOLVED_RECIPE_NAME).write_text("{}")  # the completion marker of an earlier run
     script_args, training_args, *_ = parse(recipe, "--resume_from_checkpoint", "true")
-    assert training.resume_checkpoint(script_args, training_args) == str(tmp_path / "out" / "checkpoint-3")
+    resume = resume_checkpoint(script_args, training_args)
+    assert resume == str(tmp_path / "out" / "checkpoint-3")
+    assert (tmp_path / "out" / RESOLVED_RECIPE_NAME).exists()  # nothing changes while inputs are checked
+    claim_output_dir(training_args, resume)
     assert not (tmp_path / "out" / RESOLVED_RECIPE_NAME).exists()  # until this run saves, it is unfinished
     script_args, training_args, *_ = parse(recipe, "--overwrite_output_dir", "true")
-    assert training.resume_checkpoint(script_args, training_args) is None
+    assert resume_checkpoint(script_args, training_args) is None
+    assert (tmp_path / "out" / "checkpoint-3").exists()
+    claim_output_dir(training_args, None)
     assert not (tmp_path / "out" / "checkpoint-3").exists()
 
 
@@ -327,7 +315,7 @@ def test_recipe_yaml_override_and_unknown_keys(tmp_path, tiny_model_dir, sft_dat
 
 
 def test_dataset_mixture_with_weights(tmp_path, tiny_model_dir, sft_data_dir):
-    from posttrain.data import validate_sft_rows
+    from posttrain.data import load_datasets, validate_sft_rows
 
     rows = fixtures.sft_rows()
     fixtures.write_jsonl(tmp_path / "b.jsonl", rows[:4])
@@ -344,7 +332,7 @@ def test_dataset_mixture_with_weights(tmp_path, tiny_model_dir, sft_data_dir):
         ],
     )
     script_args, args, _, dataset_args = parse(recipe)
-    train, evaluation = training.load_data(script_args, dataset_args, args, validate_sft_rows)
+    train, evaluation = load_datasets(script_args, dataset_args, args, validate_sft_rows)
     # TRL keeps the first round(w * total) rows of each source, total capped so none is oversampled: 7/0.75.
     assert len(train) == 9 and evaluation is None
     assert train["messages"][:7] == [r["messages"] for r in rows[:7]] and train["messages"][7:] == [
@@ -353,14 +341,10 @@ def test_dataset_mixture_with_weights(tmp_path, tiny_model_dir, sft_data_dir):
 
 
 def test_production_recipe():
-    import trl
-
     with warnings.catch_warnings():
         warnings.simplefilter("error", FutureWarning)
         # use_cpu: this machine has no GPU for bf16; the recipe is parsed as on the cluster otherwise.
-        script_args, args, model_args, _ = training.parse(
-            trl.SFTConfig, [str(REPO / "recipes" / "sft.yaml"), "--use_cpu", "true"]
-        )
+        script_args, args, model_args, _ = parse(REPO / "recipes" / "sft.yaml", "--use_cpu", "true")
     gpus = 8
     assert args.per_device_train_batch_size * args.gradient_accumulation_steps * gpus == 128
     assert args.bf16 and args.packing and args.padding_free is False and args.packing_strategy == "bfd"
@@ -401,8 +385,7 @@ def test_lora_trains_and_saves_adapter_and_merged_model(tmp_path, tiny_model_dir
         sft_data_dir,
         out,
         max_steps=4,
-        eval_strategy="no",
-        save_strategy="no",
+        **SHORT_RUN,
         learning_rate=1e-2,
         use_peft=True,
         lora_r=8,
@@ -422,10 +405,10 @@ def test_lora_trains_and_saves_adapter_and_merged_model(tmp_path, tiny_model_dir
     with torch.no_grad():
         base_logits = base(ids).logits
         with_adapter = PeftModel.from_pretrained(base, out).eval()(ids).logits
-        merged = AutoModelForCausalLM.from_pretrained(out / training.MERGED_DIR).eval()(ids).logits
+        merged = AutoModelForCausalLM.from_pretrained(out / MERGED_DIR).eval()(ids).logits
     torch.testing.assert_close(merged, with_adapter, rtol=1e-4, atol=1e-5)
     assert not torch.allclose(merged, base_logits, atol=1e-3)
-    assert (out / training.MERGED_DIR / "tokenizer.json").is_file()
+    assert (out / MERGED_DIR / "tokenizer.json").is_file()
 
 
 # ------------------------------------------------------------------- bad input, CLI
@@ -483,9 +466,9 @@ def test_bad_input_is_one_line_before_training(tmp_path, tiny_model_dir, sft_dat
         _, err = proc.communicate(timeout=300)
         assert proc.returncode == 2, err
         assert "Traceback" not in err
-        errors = [line for line in err.splitlines() if line.startswith("error:")]
-        assert len(errors) == 1 and err.rstrip().endswith(errors[0]), err
-        assert re.search(cases[name][2], errors[0]), errors[0]
+        error = one_error_line(err)
+        assert err.rstrip().endswith(error), err
+        assert re.search(cases[name][2], error), error
         assert not any((tmp_path / f"out_{name}").rglob("*"))  # nothing written
 
 
@@ -543,8 +526,7 @@ def test_lora_merge_under_zero3(tmp_path, tiny_model_dir, sft_data_dir):
         sft_data_dir,
         out,
         max_steps=2,
-        eval_strategy="no",
-        save_strategy="no",
+        **SHORT_RUN,
         use_peft=True,
         lora_r=8,
         lora_target_modules=["q_proj", "v_proj"],
@@ -570,9 +552,7 @@ def test_lora_merge_under_zero3(tmp_path, tiny_model_dir, sft_data_dir):
 
     proc = launch()
     assert proc.returncode == 0, proc.stderr[-4000:]
-    assert (out / "adapter_model.safetensors").is_file() and (
-        out / training.MERGED_DIR / "model.safetensors"
-    ).is_file()
+    assert (out / "adapter_model.safetensors").is_file() and (out / MERGED_DIR / "model.safetensors").is_file()
     assert (out / RESOLVED_RECIPE_NAME).is_file()
 
     proc = launch("--lr_scheduler_kwargs", '{"min_lr": 2e-6}', "--output_dir", tmp_path / "min_lr")

@@ -1,0 +1,143 @@
+"""Save a trained run so that the next stage, a rerun and a reader find everything they need.
+
+The model (or LoRA adapter), tokenizer with its chat template, generation config (stopping at
+`<|im_end|>`), trainer state, optionally the merged LoRA model, and last the resolved recipe: its
+presence marks the directory as a finished run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+from pathlib import Path
+
+from posttrain.atomic import atomic_output_dir
+from posttrain.chat_template import IM_END
+from posttrain.recipe import MERGED_DIR, RESOLVED_RECIPE_NAME, Recipe, save_resolved_recipe
+
+logger = logging.getLogger("posttrain")
+
+FINAL_MODEL_TMP = ".final-model.tmp"
+
+
+def stop_on_im_end(generation_config, tokenizer) -> None:
+    """Make generation stop at the end of an assistant turn (`<|im_end|>`), keeping any other eos ids."""
+    ids = generation_config.eos_token_id
+    ids = [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
+    im_end = tokenizer.convert_tokens_to_ids(IM_END)
+    if im_end not in ids:
+        generation_config.eos_token_id = [im_end, *ids]
+    if generation_config.pad_token_id is None:
+        generation_config.pad_token_id = tokenizer.pad_token_id
+
+
+@contextlib.contextmanager
+def _without_zero3_init(trainer):
+    """Let one process call from_pretrained alone: under ZeRO-3 transformers would build the model inside
+    deepspeed.zero.Init, a collective the other ranks never join (the run hangs)."""
+    from transformers.integrations import unset_hf_deepspeed_config
+
+    plugin = trainer.accelerator.state.deepspeed_plugin
+    if plugin is None:
+        yield
+        return
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        plugin.set_deepspeed_weakref()
+
+
+def save_merged_lora(trainer, recipe: Recipe) -> Path:
+    """Base model + the saved adapter, merged, in OUTPUT/merged (reloaded from disk on the main process, so
+    the same under any ZeRO stage)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model_args, out = recipe.model_args, Path(recipe.training_args.output_dir)
+    with _without_zero3_init(trainer):
+        base = AutoModelForCausalLM.from_pretrained(
+            model_args.model_name_or_path,
+            revision=model_args.model_revision,
+            dtype=model_args.dtype or "auto",
+            trust_remote_code=recipe.training_args.trust_remote_code,
+        )
+        merged = PeftModel.from_pretrained(base, out).merge_and_unload()
+    stop_on_im_end(merged.generation_config, trainer.processing_class)
+    with atomic_output_dir(out / MERGED_DIR, overwrite=True) as tmp:
+        merged.save_pretrained(tmp)
+        trainer.processing_class.save_pretrained(tmp)
+    return out / MERGED_DIR
+
+
+def _launch_summary(accelerator) -> dict:
+    """How the run was launched (from the accelerate config): what the effective batch depends on."""
+    state = accelerator.state
+    summary = {
+        "num_processes": state.num_processes,
+        "distributed_type": str(state.distributed_type).split(".")[-1],
+        "mixed_precision": state.mixed_precision,
+    }
+    if state.deepspeed_plugin is not None:
+        summary["zero_stage"] = state.deepspeed_plugin.zero_stage
+    return summary
+
+
+@contextlib.contextmanager
+def _final_model_dir(trainer, out: Path):
+    """A directory inside output_dir for the final model (the same path on every rank); once everything is
+    written, its files are renamed into output_dir. A save that fails (a full disk) leaves no model files."""
+    tmp = out / FINAL_MODEL_TMP
+    main = trainer.accelerator.is_main_process
+    if main:
+        shutil.rmtree(tmp, ignore_errors=True)  # a killed run's leftovers
+    trainer.accelerator.wait_for_everyone()
+    try:
+        yield tmp
+        trainer.accelerator.wait_for_everyone()
+        if main:
+            for path in sorted(tmp.iterdir()):
+                if (out / path.name).is_dir():
+                    shutil.rmtree(out / path.name)
+                os.replace(path, out / path.name)
+            tmp.rmdir()
+    except BaseException:
+        if main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def save_run(trainer, recipe: Recipe, train_result) -> None:
+    """Save the trained run into output_dir, the resolved recipe last; then end the trainer."""
+    from accelerate.utils import is_peft_model
+
+    trainer.log_metrics("train", train_result.metrics)
+    trainer.save_metrics("train", train_result.metrics)
+    out = Path(recipe.training_args.output_dir)
+    model = trainer.model
+    stop_on_im_end(model.generation_config, trainer.processing_class)
+    with _final_model_dir(trainer, out) as tmp:
+        # Every process calls save_model: under ZeRO-3 it gathers the shards; it writes on the main process.
+        trainer.save_model(str(tmp))  # model (or LoRA adapter), tokenizer with its chat template
+        if trainer.accelerator.is_main_process:
+            model.generation_config.save_pretrained(tmp)  # also next to a LoRA adapter
+    trainer.save_state()  # trainer_state.json: the log history
+    if trainer.accelerator.is_main_process:
+        if is_peft_model(model) and recipe.script_args.merge_lora_after_training:
+            logger.info("merged model saved to %s", save_merged_lora(trainer, recipe))
+        # A rerun from the saved recipe starts from scratch, and re-derives its launch defaults.
+        overrides = {"resume_from_checkpoint": None, **dict.fromkeys(recipe.launch_defaults)}
+        save_resolved_recipe(
+            out,
+            recipe.script_args,
+            recipe.training_args,
+            recipe.model_args,
+            recipe.dataset_args,
+            overrides=overrides,
+            launch=_launch_summary(trainer.accelerator),
+        )
+        trainer.accelerator.print(f"saved the model, tokenizer, trainer state and {RESOLVED_RECIPE_NAME} to {out}")
+    trainer.accelerator.wait_for_everyone()
+    trainer.end()  # finish the trackers, destroy the process group

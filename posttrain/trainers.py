@@ -1,0 +1,71 @@
+"""Build a TRL trainer on the recipe's model, the way TRL's own scripts do.
+
+TRL loads the model from `model_name_or_path` (so ZeRO-3 init and device placement are TRL's), with
+LoRA when `use_peft` is set. The trainer gets its own copy of the training arguments, so the recipe
+that is saved at the end is exactly the one that was parsed.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import trl
+
+from posttrain.errors import PosttrainError
+from posttrain.recipe import Recipe
+
+
+def model_init_kwargs(model_args, training_args) -> dict:
+    """`from_pretrained` kwargs from ModelConfig, as TRL's scripts build them; the recipe's own
+    model_init_kwargs win."""
+    kwargs = dict(
+        revision=model_args.model_revision,
+        trust_remote_code=training_args.trust_remote_code,
+        attn_implementation=model_args.attn_implementation,
+        dtype=model_args.dtype,
+    )
+    return {**kwargs, **(training_args.model_init_kwargs or {})}
+
+
+def build_trainer(trainer_cls, recipe: Recipe, tokenizer, train_dataset, eval_dataset=None, **kwargs):
+    """`trainer_cls` (an SFTTrainer or DPOTrainer) on the recipe's model and data."""
+    args = copy.copy(recipe.training_args)
+    args.model_init_kwargs = model_init_kwargs(recipe.model_args, recipe.training_args)
+    return trainer_cls(
+        model=recipe.model_args.model_name_or_path,
+        args=args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        processing_class=tokenizer,
+        peft_config=trl.get_peft_config(recipe.model_args),
+        quantization_config=trl.get_quantization_config(recipe.model_args),
+        **kwargs,
+    )
+
+
+def check_model(model_args, training_args) -> None:
+    """Refuse, in one line and before the output directory is touched, a model whose config cannot be read
+    or whose local weights are missing or unreadable (their headers are read, not the tensors)."""
+    from safetensors import safe_open
+    from transformers import AutoConfig
+
+    name = model_args.model_name_or_path
+    try:
+        AutoConfig.from_pretrained(
+            name, revision=model_args.model_revision, trust_remote_code=training_args.trust_remote_code
+        )
+    except Exception as err:  # OSError, ValueError, JSONDecodeError: all mean the same to the user
+        raise PosttrainError(f"model {name}: cannot read its config ({str(err).splitlines()[0]})") from None
+    local = Path(name)
+    if not local.is_dir():
+        return  # a hub id: transformers checks it when it downloads
+    weights = sorted(local.glob("*.safetensors"))
+    if not weights and not any(local.glob("*.bin")):
+        raise PosttrainError(f"model {name}: no weights (*.safetensors) in the directory")
+    for path in weights:
+        try:
+            with safe_open(path, framework="pt"):
+                pass
+        except Exception as err:
+            raise PosttrainError(f"model {name}: {path.name} is not readable ({str(err).splitlines()[0]})") from None
