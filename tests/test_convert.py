@@ -406,25 +406,29 @@ def test_output_dir_dot_is_the_current_directory(source_checkpoint, tokenizer_di
 
 @pytest.mark.parametrize("value, kind", [(float("nan"), "NaN"), (float("inf"), "Inf"), (float("-inf"), "Inf")])
 def test_a_weight_with_nan_or_inf_is_refused_naming_its_key(tmp_path, tokenizer_dir, value, kind):
+    """Refused over a finished conversion, which stays exactly as it was."""
     path = fixtures.write_source_checkpoint(tmp_path / "c.pt", with_optimizer=False)
+    convert.convert_checkpoint(path, tokenizer_dir, tmp_path / "out")
     ckpt = torch.load(path, weights_only=True)
     ckpt["model"]["_orig_mod.blocks.1.ffn.w_gate.weight"][5, 7] = value
     torch.save(ckpt, path)
     before = tree_hashes(tmp_path)
     with pytest.raises(PosttrainError) as err:
-        convert.convert_checkpoint(path, tokenizer_dir, tmp_path / "out")
+        convert.convert_checkpoint(path, tokenizer_dir, tmp_path / "out", overwrite=True)
     assert (
         str(err.value) == f"checkpoint weight 'blocks.1.ffn.w_gate.weight' holds {kind} values; refusing to convert it"
     )
     assert tree_hashes(tmp_path) == before
 
 
-def test_the_finite_check_finds_a_value_past_the_first_chunk(monkeypatch):
-    monkeypatch.setattr(convert, "FINITE_CHECK_CHUNK", 10)
-    t = torch.zeros(7, 5, dtype=torch.bfloat16)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_the_finite_check_finds_one_value_anywhere_in_a_large_tensor(dtype):
+    t = torch.randn(1000, 999).to(dtype)
     assert convert.non_finite(t) is None
-    t[6, 4] = float("nan")
-    assert convert.non_finite(t) == "NaN"
+    for index, value, kind in (((0, 0), "nan", "NaN"), ((517, 3), "-inf", "Inf"), ((999, 998), "inf", "Inf")):
+        t[index] = float(value)
+        assert convert.non_finite(t) == kind
+        t[index] = 0.0
 
 
 def test_without_rope_tables_the_conversion_says_what_it_could_not_check(tmp_path, tokenizer_dir, capsys):
