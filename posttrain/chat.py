@@ -9,6 +9,10 @@ The default system prompt is the one data_scripts adds to every training
 conversation without one: a model answers best in the setting it was trained in.
 REPL commands: `/system TEXT` sets the system prompt and starts over, `/reset`
 clears the conversation (keeps the system prompt), `/quit` (or Ctrl-D) exits.
+
+A conversation longer than the model's context is refused (in the REPL: that
+turn, with a hint to /reset), never cut silently; --max-new-tokens is capped at
+the room the context leaves, with a note.
 """
 
 from __future__ import annotations
@@ -18,26 +22,66 @@ import sys
 from pathlib import Path
 
 from posttrain.chat_template import ENDOFTEXT, IM_END
+from posttrain.data import load_errors
 from posttrain.errors import PosttrainError, run_cli
 from posttrain.prep_adapters import DEFAULT_SYSTEM_PROMPT
 
 HELP = "commands: /system TEXT (set system prompt, new conversation), /reset, /quit"
 
 
+def check_device(device: str | None) -> str:
+    """The device to generate on (default: cuda if there is one); one that is not here is one line."""
+    import torch
+
+    if device is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise PosttrainError(f"--device {device!r} is not a device name (cpu, cuda, cuda:N, mps, ...)") from None
+    if dev.type == "cuda":
+        count = torch.cuda.device_count()
+        if count == 0:
+            raise PosttrainError(f"--device {device}: this machine has no CUDA device; use --device cpu")
+        if dev.index is not None and dev.index >= count:
+            raise PosttrainError(
+                f"--device {device}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}"
+            )
+    else:
+        try:
+            torch.empty(0, device=dev)
+        except Exception as err:  # mps, xpu, ... without the hardware or the build
+            raise PosttrainError(f"--device {device} is not available here ({str(err).splitlines()[0]})") from None
+    return device
+
+
+def check_dtype(dtype: str) -> str:
+    """`auto` or the name of a torch floating-point dtype."""
+    import torch
+
+    value = getattr(torch, dtype, None)
+    if dtype != "auto" and not (isinstance(value, torch.dtype) and value.is_floating_point):
+        raise PosttrainError(f"--dtype {dtype!r} is not auto or a floating-point dtype (bfloat16, float16, float32)")
+    return dtype
+
+
 def load_model(model_dir: str | Path, device: str | None = None, dtype: str = "auto"):
     """Load a Hugging Face model directory and its tokenizer for generation (eval mode)."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():
         raise PosttrainError(f"{model_dir} is not a model directory (no config.json); pass a convert/SFT/DPO output")
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    device, dtype = check_device(device), check_dtype(dtype)
+    with load_errors(f"{model_dir}: its config.json cannot be read"):
+        AutoConfig.from_pretrained(model_dir)
+    with load_errors(f"{model_dir}: its tokenizer cannot be loaded"):
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
     if not tokenizer.chat_template:
         raise PosttrainError(f"{model_dir}: the tokenizer has no chat template; convert it with convert-checkpoint")
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
-    return model, tokenizer
+    with load_errors(f"{model_dir}: the model cannot be loaded"):  # a corrupt or truncated weights file, ...
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+    return model.to(device).eval(), tokenizer
 
 
 def _stop_token_ids(tokenizer) -> list[int]:
@@ -63,6 +107,18 @@ def generate_turn(
     inputs = tokenizer.apply_chat_template(
         messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
     ).to(model.device)
+    n_prompt, context = inputs["input_ids"].shape[1], model.config.max_position_embeddings
+    if n_prompt >= context:
+        raise PosttrainError(
+            f"the conversation is {n_prompt} tokens, and the model's context is {context}: no room for a reply"
+        )
+    if n_prompt + max_new_tokens > context:
+        print(
+            f"note: --max-new-tokens {max_new_tokens} capped at {context - n_prompt}: the conversation takes "
+            f"{n_prompt} of the model's {context} context tokens",
+            file=sys.stderr,
+        )
+        max_new_tokens = context - n_prompt
     sampling = dict(do_sample=True, temperature=temperature, top_p=top_p) if do_sample else dict(do_sample=False)
     stop = _stop_token_ids(tokenizer)
     with torch.inference_mode():
@@ -92,14 +148,21 @@ def repl(model, tokenizer, system: str | None, gen_kwargs: dict, stdin=None, std
     stdout = stdout or sys.stdout
     history: list[dict] = []
     interactive = stdin.isatty()
+    encoding = getattr(stdin, "encoding", None) or "utf-8"
+    read = stdin.buffer.readline if hasattr(stdin, "buffer") else stdin.readline  # bytes: decoded per line below
     print(HELP, file=stdout, flush=True)
     while True:
         if interactive:
             print(">>> ", end="", file=stdout, flush=True)
-        line = stdin.readline()
+        line = read()
         if not line:  # EOF (Ctrl-D or end of piped input)
             break
-        line = line.strip()
+        try:
+            line = (line.decode(encoding) if isinstance(line, bytes) else line).strip()
+            check_text(line, "the line")
+        except (UnicodeError, PosttrainError):
+            print(f"[that line is not valid {encoding} text; ignored]", file=stdout, flush=True)
+            continue
         if not line:
             continue
         if line in ("/quit", "/exit"):
@@ -119,9 +182,23 @@ def repl(model, tokenizer, system: str | None, gen_kwargs: dict, stdin=None, std
         history.append({"role": "user", "content": line})
         head = [{"role": "system", "content": system}] if system else []
         streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-        reply = generate_reply(model, tokenizer, head + history, streamer=streamer, **gen_kwargs)
+        try:
+            reply = generate_reply(model, tokenizer, head + history, streamer=streamer, **gen_kwargs)
+        except PosttrainError as err:
+            history.pop()
+            print(f"[{err}; /reset starts a new conversation]", file=stdout, flush=True)
+            continue
         history.append({"role": "assistant", "content": reply})
         stdout.flush()
+
+
+def check_text(text: str, what: str) -> str:
+    """Refuse text that cannot be encoded (argv or input bytes Python could only decode to lone surrogates)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise PosttrainError(f"{what} is not valid UTF-8 text") from None
+    return text
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -152,6 +229,11 @@ def main(argv: list[str] | None = None) -> None:
         raise PosttrainError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     if args.do_sample and not (args.temperature > 0 and 0 < args.top_p <= 1):
         raise PosttrainError("sampling needs --temperature > 0 and 0 < --top-p <= 1 (or pass --greedy)")
+    for flag in ("prompt", "system"):
+        if getattr(args, flag):
+            check_text(getattr(args, flag), f"--{flag}")
+    check_device(args.device)
+    check_dtype(args.dtype)
     if args.seed is not None:
         from transformers import set_seed
 

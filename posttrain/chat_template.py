@@ -8,6 +8,7 @@ the model to stop: a model whose `<|im_end|>` is masked out of the loss never le
 from __future__ import annotations
 
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -18,6 +19,16 @@ IM_END = "<|im_end|>"
 ENDOFTEXT = "<|endoftext|>"
 SPECIAL_TOKENS = (ENDOFTEXT, IM_START, IM_END)
 ROLES = ("system", "user", "assistant")  # the roles the template renders (any other raises)
+
+_CONTROL_TOKEN = re.compile("|".join(map(re.escape, SPECIAL_TOKENS)))
+
+
+def find_control_token(text: str) -> str | None:
+    """The first ChatML control token written as literal text in `text`, if any. The tokenizer turns
+    it into the control token itself, so an answer would end mid-way, or a prompt forge a turn."""
+    found = _CONTROL_TOKEN.search(text)
+    return found.group() if found else None
+
 
 CHATML_TEMPLATE = (
     "{%- for message in messages %}"

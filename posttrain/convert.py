@@ -20,6 +20,7 @@ import argparse
 import json
 import pickle
 import re
+import sys
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +28,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from posttrain.atomic import atomic_output_dir, check_output_dir
+from posttrain.atomic import atomic_output_dir, check_output_dir, output_lock
 from posttrain.chat_template import ENDOFTEXT, IM_END, load_chat_tokenizer
 from posttrain.errors import PosttrainError, run_cli
 
@@ -207,6 +208,11 @@ def check_rope_table(cos_cached: torch.Tensor | None, a: dict, path: Path) -> No
     A rope_theta that disagrees with training would pass --verify (both sides read
     model_args) and still be wrong; the table the checkpoint carries settles it."""
     if cos_cached is None:
+        print(
+            f"note: {path} carries no RoPE table (blocks.0.attn.rope.cos_cached), so rope_theta and the head "
+            "count in model_args could not be cross-checked against it",
+            file=sys.stderr,
+        )
         return
     half = a["n_embd"] // a["n_head"] // 2
     table = cos_cached.float().reshape(-1, half) if cos_cached.numel() % half == 0 else None
@@ -299,13 +305,30 @@ def llama_config(a: dict, tokenizer, dtype: str):
     )
 
 
+def entry_bytes(weights: dict, source: str, rows: Rows | None, dtype: torch.dtype) -> int:
+    """Bytes one table entry takes in the output."""
+    src = weights[source]
+    numel = src[rows.start : rows.stop].numel() if rows else src.numel()
+    return numel * torch.empty((), dtype=dtype).element_size()
+
+
+def non_finite(t: torch.Tensor) -> str | None:
+    """'NaN' or 'Inf' if the tensor holds one, else None. min and max propagate NaN and show an Inf, and
+    one aminmax pass makes no copy: ~10x faster than isfinite(t).all() on bf16, ~1.5 s for 1.8B weights."""
+    if not t.numel():
+        return None
+    lo, hi = torch.aminmax(t)
+    if torch.isfinite(lo) and torch.isfinite(hi):
+        return None
+    return "NaN" if torch.isnan(lo) or torch.isnan(hi) else "Inf"
+
+
 def write_shards(out: Path, weights: dict, table: list, dtype: torch.dtype) -> int:
-    """Write the table as safetensors shards, one shard in memory at a time; return the shard count."""
-    itemsize = torch.empty((), dtype=dtype).element_size()
+    """Write the table as safetensors shards, one shard in memory at a time; return the shard count.
+    A weight holding NaN or Inf stops the write, naming its source key."""
     shards, size = [[]], 0
     for target, source, rows in table:
-        src = weights[source]
-        n_bytes = src[rows.start : rows.stop].numel() * itemsize if rows else src.numel() * itemsize
+        n_bytes = entry_bytes(weights, source, rows, dtype)
         if shards[-1] and size + n_bytes > MAX_SHARD_BYTES:
             shards.append([])
             size = 0
@@ -318,7 +341,12 @@ def write_shards(out: Path, weights: dict, table: list, dtype: torch.dtype) -> i
     )
     weight_map, total = {}, 0
     for name, shard in zip(names, shards):
-        tensors = {target: convert_tensor(weights[source], rows, dtype) for target, source, rows in shard}
+        tensors = {}
+        for target, source, rows in shard:
+            tensors[target] = convert_tensor(weights[source], rows, dtype)
+            bad = non_finite(tensors[target])
+            if bad:
+                raise PosttrainError(f"checkpoint weight '{source}' holds {bad} values; refusing to convert it")
         save_file(tensors, out / name, metadata={"format": "pt"})
         total += sum(t.numel() * t.element_size() for t in tensors.values())
         weight_map.update(dict.fromkeys(tensors, name))
@@ -397,7 +425,8 @@ def convert_checkpoint(
         "verification": None,
     }
     reference = reference_for_verify(weights, a, DTYPES[dtype]) if verify else None
-    with atomic_output_dir(output_dir, overwrite=overwrite, inputs=inputs) as tmp:
+    needed = sum(entry_bytes(weights, source, rows, DTYPES[dtype]) for _, source, rows in table)
+    with atomic_output_dir(output_dir, overwrite=overwrite, inputs=inputs, needed_bytes=needed) as tmp:
         report["shards"] = write_shards(tmp, weights, table, DTYPES[dtype])
         del ckpt, weights  # unmap the source before verify loads an fp32 copy of the model
         config = llama_config(a, tokenizer, dtype)
@@ -436,9 +465,15 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     def run():
-        report = convert_checkpoint(
-            args.checkpoint, args.tokenizer, args.output_dir, args.dtype, verify=args.verify, overwrite=args.overwrite
-        )
+        with output_lock(args.output_dir):  # before the inputs are read: a second run is refused at once
+            report = convert_checkpoint(
+                args.checkpoint,
+                args.tokenizer,
+                args.output_dir,
+                args.dtype,
+                verify=args.verify,
+                overwrite=args.overwrite,
+            )
         print(f"wrote {args.output_dir} ({report['shards']} shard(s), {args.dtype}, iter_num {report['iter_num']})")
 
     run_cli(run)

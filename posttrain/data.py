@@ -13,26 +13,57 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import re
 from pathlib import Path
 
+from posttrain.chat_template import find_control_token
 from posttrain.errors import PosttrainError
 from posttrain.messages import DESCRIPTIONS, EMPTY_FINAL_ASSISTANT, UNKNOWN_ROLE, message_problem
 
 _BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")  # \ud800-\udfff: half of a UTF-16 pair
+
+
+class EmptyRowsError(PosttrainError):
+    """Every row of a file is an empty object: the caller knows which fields were expected."""
+
+
+def _parse_json(text: str, path, lineno: int | None = None):
+    """json.loads, with what Python cannot use as text refused in one line: nesting too deep for the
+    parser (RecursionError), and strings holding half of a UTF-16 surrogate pair ("\\ud800"), which
+    json accepts but no UTF-8 writer or tokenizer can handle."""
+    where = f"{path} line {lineno}" if lineno else str(path)
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise PosttrainError(f"{path} line {lineno or err.lineno}: malformed JSON ({err.msg})") from None
+    except RecursionError:
+        raise PosttrainError(f"{where}: JSON nested too deeply to read") from None
+    if _SURROGATE_ESCAPE.search(text):
+        try:
+            json.dumps(value, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise PosttrainError(f"{where}: a string holds a lone UTF-16 surrogate (e.g. \\ud800), not text") from None
+    return value
+
+
+def _check_rows_have_fields(path, rows: int, with_fields: int) -> None:
+    if rows and not with_fields:
+        raise EmptyRowsError(f"{path}: all {rows} rows are empty objects {{}}, with none of the fields the data needs")
 
 
 def check_jsonl(path: str | Path) -> None:
     """Fail on the first malformed line of a JSON Lines file, naming file and line."""
+    rows = with_fields = 0
     with open(path, encoding="utf-8") as fh:
         for lineno, line in enumerate(fh, 1):
             if not line.strip():
                 continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise PosttrainError(f"{path} line {lineno}: malformed JSON ({err.msg})") from None
+            row = _parse_json(line, path, lineno)
             if not isinstance(row, dict):
                 raise PosttrainError(f"{path} line {lineno}: expected a JSON object, got {type(row).__name__}")
+            rows, with_fields = rows + 1, with_fields + bool(row)
+    _check_rows_have_fields(path, rows, with_fields)
 
 
 def _first_char(path: str | Path) -> str:
@@ -48,7 +79,7 @@ def _is_json_document(path: Path) -> bool:
     try:
         with open(path, encoding="utf-8") as fh:
             json.load(fh)
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError):
         return False
     return True
 
@@ -64,8 +95,8 @@ def check_json_file(path: str | Path) -> None:
         if not first:
             raise PosttrainError(f"{path}: file is empty")
         if path.suffix == ".json" and first == "[":
-            with open(path, encoding="utf-8") as fh:
-                json.load(fh)
+            rows = _parse_json(path.read_text(encoding="utf-8"), path)
+            _check_rows_have_fields(path, len(rows), sum(bool(r) for r in rows if isinstance(r, dict)))
             return
         try:
             check_jsonl(path)
@@ -141,7 +172,10 @@ def load_datasets(script_args, mixture_args, training_args, validate_rows):
     loads (a streamed dataset is checked by the trainer as it goes)."""
     import datasets
 
-    train, evaluation = load_train_eval(script_args, mixture_args, want_eval=training_args.eval_strategy != "no")
+    try:
+        train, evaluation = load_train_eval(script_args, mixture_args, want_eval=training_args.eval_strategy != "no")
+    except EmptyRowsError as err:
+        raise PosttrainError(f"{err}; training reads {READS[validate_rows]}") from None
     if mixture_args.datasets:
         source = "mixture " + ",".join(d.path for d in mixture_args.datasets)
     else:
@@ -203,6 +237,17 @@ def _check_messages(messages, where: str, final_assistant: bool = False) -> None
         raise PosttrainError(f"{where}: {DESCRIPTIONS[problem]}")
 
 
+def _refuse_control_tokens(messages: list[dict], where: str) -> None:
+    """A control token written as text would be tokenized as the token itself (see find_control_token)."""
+    for j, m in enumerate(messages, 1):
+        token = find_control_token(m["content"])
+        if token:
+            raise PosttrainError(
+                f"{where}: message {j} ({m['role']}) holds the ChatML control token {token} as text; "
+                "remove it (data_scripts drops such rows)"
+            )
+
+
 def validate_sft_rows(dataset, source: str) -> None:
     """Every row is a conversation with at least one non-empty assistant turn."""
     if "messages" not in dataset.column_names:
@@ -212,17 +257,20 @@ def validate_sft_rows(dataset, source: str) -> None:
     for i, messages in enumerate(dataset["messages"], 1):
         where = f"dataset {source} row {i}"
         _check_messages(messages, where)
+        _refuse_control_tokens(messages, where)
         if not any(m["role"] == "assistant" and m["content"].strip() for m in messages):
             raise PosttrainError(f"{where}: no assistant turn to train on")
 
 
 def validate_preference_rows(dataset, source: str) -> None:
-    """Every row has prompt messages and one non-empty assistant message each for chosen and rejected."""
+    """Every row has prompt messages and one non-empty assistant message each for chosen and rejected,
+    and some pair differs (a pair whose chosen is its rejected carries no preference)."""
     missing = {"prompt", "chosen", "rejected"} - set(dataset.column_names)
     if missing:
         raise PosttrainError(
             f"dataset {source}: preference data needs columns prompt, chosen, rejected (missing {', '.join(sorted(missing))})"
         )
+    identical = 0
     for i, row in enumerate(dataset, 1):
         where = f"dataset {source} row {i}"
         _check_messages(row["prompt"], f"{where} prompt")
@@ -230,3 +278,15 @@ def validate_preference_rows(dataset, source: str) -> None:
             _check_messages(row[key], f"{where} {key}", final_assistant=True)
             if not row[key][-1]["content"].strip():
                 raise PosttrainError(f"{where}: empty {key} response")
+        for key in ("prompt", "chosen", "rejected"):
+            _refuse_control_tokens(row[key], f"{where} {key}")
+        identical += row["chosen"] == row["rejected"]
+    if identical and identical == len(dataset):
+        raise PosttrainError(
+            f"dataset {source}: in every one of its {identical} pairs chosen is identical to rejected, "
+            "so there is no preference to learn"
+        )
+
+
+# The fields each kind of training row needs, named when a file has none of them.
+READS = {validate_sft_rows: "messages", validate_preference_rows: "prompt, chosen, rejected"}

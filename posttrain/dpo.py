@@ -20,10 +20,15 @@ from trl.trainer.utils import global_then_local_main_first
 
 from posttrain.chat_template import load_training_tokenizer
 from posttrain.data import load_datasets, validate_preference_rows
-from posttrain.errors import run_cli
 from posttrain.lengths import drop_unfit_rows
-from posttrain.recipe import Recipe, parse_stage_recipe
-from posttrain.run_dir import claim_output_dir, refuse_inputs_in_output_dir, reporting_stops, resume_checkpoint
+from posttrain.recipe import Recipe
+from posttrain.run_dir import (
+    claim_output_dir,
+    refuse_inputs_in_output_dir,
+    reporting_stops,
+    resume_checkpoint,
+    run_stage_cli,
+)
 from posttrain.runtime import setup_logging_and_seed
 from posttrain.saving import save_run
 from posttrain.trainers import build_trainer, check_model
@@ -128,4 +133,4 @@ def main(recipe: Recipe) -> None:
 
 
 if __name__ == "__main__":
-    run_cli(lambda: main(parse_stage_recipe(DPOConfig)))
+    run_stage_cli(main, DPOConfig)

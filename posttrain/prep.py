@@ -18,17 +18,20 @@ import contextlib
 import hashlib
 import json
 import math
+import sys
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from posttrain import prep_adapters as adapters
-from posttrain.atomic import atomic_output_dir, check_output_dir
-from posttrain.chat_template import load_chat_tokenizer
-from posttrain.data import check_json_file, load_errors, load_source
-from posttrain.errors import PosttrainError, run_cli
+from posttrain.atomic import atomic_output_dir, check_output_dir, output_lock
+from posttrain.chat_template import find_control_token, load_chat_tokenizer
+from posttrain.data import EmptyRowsError, check_json_file, load_errors, load_source
+from posttrain.errors import PosttrainError, die, run_cli
 from posttrain.lengths import conversation_fits, count_chat_tokens, prompt_fits
+
+MAX_SEED = 2**32 - 1  # numpy's seed range, which datasets' shuffle uses
 
 
 @dataclass(frozen=True)
@@ -84,7 +87,6 @@ def parse_args(kind: Kind, sources: dict[str, Source], argv=None, description: s
     p.add_argument(
         "--val-split",
         type=float,
-        default=kind.val_split,
         help="test rows as a fraction of the kept rows, taken from the source's test split when it has one "
         f"(default {kind.val_split})",
     )
@@ -98,19 +100,42 @@ def parse_args(kind: Kind, sources: dict[str, Source], argv=None, description: s
     p.add_argument("--num-proc", type=int, default=1, help="worker processes for the batched maps")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --output-dir")
     args = p.parse_args(argv)
+    args.val_split_asked = args.val_split is not None  # a default that gives 0 test rows is only a note
+    if not args.val_split_asked:
+        args.val_split = kind.val_split
     if not 0 <= args.val_split < 1:
-        p.error("--val-split must be in [0, 1)")
+        die(f"--val-split must be in [0, 1), got {args.val_split}")
+    if not 0 <= args.seed <= MAX_SEED:
+        die(f"--seed must be in [0, {MAX_SEED}], got {args.seed}")
     for flag in ("max_samples", "max_length", "num_proc"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
-            p.error(f"--{flag.replace('_', '-')} must be at least 1")
+            die(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
+    token = find_control_token(args.system_prompt or "")
+    if token:
+        die(f"--system-prompt holds the ChatML control token {token} as text")
     return args
 
 
 # ---------------------------------------------------------------------------- load
 
 
+@contextlib.contextmanager
+def _naming_fields(source: Source, args):
+    """A file of empty rows is told which fields --dataset reads."""
+    try:
+        yield
+    except EmptyRowsError as err:
+        fields = getattr(source.regroup or source.adapter, "fields", ())
+        raise PosttrainError(f"{err}; --dataset {args.dataset} reads the fields {', '.join(fields)}") from None
+
+
 def load_splits(source: Source, args):
     """(train, held-out test or None) in the source's own schema."""
+    with _naming_fields(source, args):
+        return _load_splits(source, args)
+
+
+def _load_splits(source: Source, args):
     import datasets
 
     if args.data_files and not (len(args.data_files) == 1 and Path(args.data_files[0]).is_dir()):
@@ -269,11 +294,20 @@ def split(train, test, args):
     if args.max_samples is not None:
         train = train.select(range(min(args.max_samples, len(train))))
     n_test = round(len(train) * args.val_split)
+    if len(train) and args.val_split and not n_test:
+        message = f"--val-split {args.val_split} of {len(train)} rows is 0 test rows"
+        if args.val_split_asked:
+            raise PosttrainError(f"{message}; pass a larger --val-split, or 0 for no test split")
+        print(f"note: {message}; no test.jsonl is written", file=sys.stderr)
+    if test is None and len(train) and n_test >= len(train):
+        raise PosttrainError(f"--val-split {args.val_split} of {len(train)} rows leaves no train rows")
     if test is None:
         train, test = train.select(range(n_test, len(train))), train.select(range(n_test))
     else:
         test = test.shuffle(seed=args.seed)
         test = test.select(range(min(n_test, len(test))))
+        if n_test and not len(test) and args.val_split_asked:
+            raise PosttrainError(f"--val-split {args.val_split}: the source's test split has no usable rows")
     return train, test, clean_rows - len(train) - len(test)
 
 
@@ -361,7 +395,7 @@ def main(kind: Kind, sources: dict[str, Source], argv=None, description: str | N
     args = parse_args(kind, sources, argv, description)
 
     def run():
-        with _no_map_cache():
+        with output_lock(args.output_dir), _no_map_cache():  # before any input is read: one run per directory
             meta = prepare(kind, sources, args)
         c = meta["counts"]
         print(

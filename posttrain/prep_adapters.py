@@ -6,6 +6,8 @@ raises `Drop(reason)`; `posttrain.prep` counts the reasons in meta.json.
 
 Conventions shared by every adapter:
 - contents are stripped; a turn with no text is a drop, never a silent skip;
+- a turn holding a ChatML control token as text (`<|im_end|>`, ...) is a drop:
+  the tokenizer would read it as the token itself;
 - a source's own (non-empty) system message is kept; a conversation without
   one gets `system_prompt` first (None or '' adds nothing);
 - SFT rows are `{"messages": [...]}` ending on a non-empty assistant turn;
@@ -18,7 +20,7 @@ from __future__ import annotations
 import re
 from collections import defaultdict
 
-from posttrain.chat_template import ROLES
+from posttrain.chat_template import ROLES, find_control_token
 from posttrain.messages import EMPTY_FIELD, EMPTY_FINAL_ASSISTANT, NO_FINAL_ASSISTANT, UNKNOWN_ROLE, message_problem
 
 DEFAULT_SYSTEM_PROMPT = (
@@ -30,12 +32,23 @@ PROMPT_MISMATCH = "chosen_rejected_prompt_mismatch"
 SAME_RESPONSE = "chosen_equals_rejected"
 DUPLICATE = "duplicate"
 PROMPT_TOO_LONG = "prompt_too_long"
-SFT_DROP_REASONS = (EMPTY_FIELD, UNKNOWN_ROLE, NO_FINAL_ASSISTANT, EMPTY_FINAL_ASSISTANT, DUPLICATE)
+CONTROL_TOKEN = "chatml_control_token_in_text"
+SFT_DROP_REASONS = (EMPTY_FIELD, UNKNOWN_ROLE, NO_FINAL_ASSISTANT, EMPTY_FINAL_ASSISTANT, CONTROL_TOKEN, DUPLICATE)
 DPO_DROP_REASONS = SFT_DROP_REASONS + (PROMPT_MISMATCH, SAME_RESPONSE, PROMPT_TOO_LONG)
 
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 OASST_ROLES = {"prompter": "user", "assistant": "assistant"}
 HH_ROLES = {"Human": "user", "Assistant": "assistant"}
+
+
+def reads(*fields: str):
+    """Declare the source fields an adapter (or a regroup function) reads: named when a file has none."""
+
+    def mark(function):
+        function.fields = fields
+        return function
+
+    return mark
 
 
 class Drop(Exception):
@@ -63,7 +76,10 @@ def _messages(turns) -> list[dict]:
     for role, content in turns:
         if role not in ROLES:
             raise Drop(UNKNOWN_ROLE)
-        messages.append({"role": role, "content": content.strip() if isinstance(content, str) else ""})
+        content = content.strip() if isinstance(content, str) else ""
+        if find_control_token(content):
+            raise Drop(CONTROL_TOKEN)
+        messages.append({"role": role, "content": content})
     if messages and messages[0]["role"] == "system" and not messages[0]["content"]:
         del messages[0]
     return messages
@@ -139,23 +155,27 @@ def _with_input(instruction, extra) -> str:
 # ------------------------------------------------------------------------- SFT
 
 
+@reads("instruction", "input", "output")
 def alpaca(row: dict, system_prompt: str | None) -> dict:
     """tatsu-lab/alpaca, yahma/alpaca-cleaned: instruction, input, output (`text` is ignored)."""
     user = _with_input(row.get("instruction"), row.get("input"))
     return conversation([("user", user), ("assistant", row.get("output"))], system_prompt)
 
 
+@reads("instruction", "context", "response")
 def dolly(row: dict, system_prompt: str | None) -> dict:
     """databricks/databricks-dolly-15k: instruction, context, response, category."""
     user = _with_input(row.get("instruction"), row.get("context"))
     return conversation([("user", user), ("assistant", row.get("response"))], system_prompt)
 
 
+@reads("messages")
 def messages(row: dict, system_prompt: str | None) -> dict:
     """`messages`: [{role, content}] (HuggingFaceH4/ultrachat_200k, local files, oasst threads)."""
     return conversation(_pairs(_list(row, "messages"), "role", "content"), system_prompt)
 
 
+@reads("conversations")
 def sharegpt(row: dict, system_prompt: str | None) -> dict:
     """`conversations`: [{from, value}] with from in system/human/user/gpt/assistant (Open-Orca/SlimOrca)."""
     return conversation(_pairs(_list(row, "conversations"), "from", "value", SHAREGPT_ROLES), system_prompt)
@@ -164,6 +184,7 @@ def sharegpt(row: dict, system_prompt: str | None) -> dict:
 _OASST_COLUMNS = ("message_id", "parent_id", "role", "text", "rank", "deleted", "review_result")
 
 
+@reads("message_id", "parent_id", "role", "text")
 def oasst_threads(dataset) -> list[dict]:
     """OpenAssistant/oasst1, oasst2: flat message rows -> one `messages` row per conversation tree.
 
@@ -193,6 +214,7 @@ def oasst_threads(dataset) -> list[dict]:
 # ------------------------------------------------------------------------- DPO
 
 
+@reads("chosen", "rejected")
 def chosen_rejected_lists(row: dict, system_prompt: str | None) -> dict:
     """`chosen` / `rejected` as whole message lists sharing the prompt turns
     (argilla/ultrafeedback-binarized-preferences-cleaned, argilla/distilabel-capybara-dpo-7k-binarized)."""
@@ -216,12 +238,14 @@ def _hh_turns(transcript) -> list[tuple[str, str]]:
     return [(HH_ROLES[speaker], text) for speaker, text in zip(rest[::2], rest[1::2])]
 
 
+@reads("chosen", "rejected")
 def hh_rlhf(row: dict, system_prompt: str | None) -> dict:
     """Anthropic/hh-rlhf: chosen / rejected full transcripts; the whole dialogue before the final
     assistant turn is the prompt, and it must be the same in both."""
     return preference(_hh_turns(row.get("chosen")), _hh_turns(row.get("rejected")), system_prompt)
 
 
+@reads("system", "question", "chosen", "rejected")
 def orca_dpo(row: dict, system_prompt: str | None) -> dict:
     """Intel/orca_dpo_pairs: system, question, chosen, rejected strings."""
     prompt = [("system", row.get("system")), ("user", row.get("question"))]
@@ -230,6 +254,7 @@ def orca_dpo(row: dict, system_prompt: str | None) -> dict:
     )
 
 
+@reads("prompt", "chosen", "rejected")
 def preference_rows(row: dict, system_prompt: str | None) -> dict:
     """Local files in the output form: prompt (messages or a string), chosen, rejected (messages)."""
     prompt = row.get("prompt")

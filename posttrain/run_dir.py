@@ -17,8 +17,9 @@ import shutil
 import sys
 from pathlib import Path
 
-from posttrain.errors import EXIT_BAD_INPUT, EXIT_INTERRUPTED, Interrupted, PosttrainError
-from posttrain.recipe import RESOLVED_RECIPE_NAME
+from posttrain.atomic import file_system_error, launch_output_lock
+from posttrain.errors import EXIT_BAD_INPUT, EXIT_INTERRUPTED, Interrupted, PosttrainError, run_cli
+from posttrain.recipe import RESOLVED_RECIPE_NAME, parse_stage_recipe
 from posttrain.runtime import is_main_process, wait_for_everyone
 
 logger = logging.getLogger("posttrain")
@@ -153,27 +154,51 @@ def _what_was_kept(training_args) -> str:
 
 @contextlib.contextmanager
 def reporting_stops(trainer):
-    """Ctrl-C, or a disk that fills up, while training or saving becomes one line that says what was kept
-    and how to go on; only the main process prints it."""
+    """Ctrl-C, or a file-system fault (a full disk, a read-only place) while training or saving, becomes one
+    line that says what was kept and how to go on; only the main process prints it."""
     args = trainer.args
     try:
         yield
     except KeyboardInterrupt:
-        _stop(EXIT_INTERRUPTED)
+        _stop(trainer, EXIT_INTERRUPTED)
         raise Interrupted(f"stopped by Ctrl-C at step {trainer.state.global_step}; {_what_was_kept(args)}") from None
-    except OSError as err:
-        if err.errno != errno.ENOSPC:
+    except Exception as err:
+        fault = _file_system_fault(err, args.output_dir)
+        if fault is None:
             raise
-        _stop(EXIT_BAD_INPUT)
-        free = shutil.disk_usage(args.output_dir).free
-        raise PosttrainError(
-            f"disk full while writing {err.filename or args.output_dir} ({free / 2**20:.0f} MiB free); "
-            f"free space, then: {_what_was_kept(args)}"
-        ) from None
+        _stop(trainer, EXIT_BAD_INPUT)
+        raise PosttrainError(f"{fault}; {_what_was_kept(args)}") from None
 
 
-def _stop(exit_code: int) -> None:
-    """Other ranks leave quietly; the main process ends the progress bar's line so its message has its own."""
+def _file_system_fault(err: Exception, output_dir) -> str | None:
+    what = getattr(err, "filename", None) or "the run's files"
+    if isinstance(err, RuntimeError) and ("inline_container" in str(err) or "PytorchStreamWriter" in str(err)):
+        err = OSError(errno.ENOSPC, str(err))  # torch.save reports a full disk as a failed write, with no errno
+    fault = file_system_error(err, what, output_dir)
+    return str(fault) if fault else None
+
+
+def _stop(trainer, exit_code: int) -> None:
+    """Other ranks leave quietly; the main process closes the progress bar so that its message is the last line."""
+    from transformers.trainer_callback import ProgressCallback
+
     if not is_main_process():
         raise SystemExit(exit_code)
+    for callback in trainer.callback_handler.callbacks:
+        if isinstance(callback, ProgressCallback) and callback.training_bar is not None:
+            callback.training_bar.close()
+            callback.training_bar = None
     print(file=sys.stderr)
+
+
+def run_stage_cli(main, config_cls) -> None:
+    """`[accelerate launch] posttrain/<stage>.py RECIPE.yaml [--key value ...]`: parse the recipe, hold the
+    output directory's lock for the whole launch (global rank 0 takes it), run `main`. Bad input is one line
+    and exit 2."""
+
+    def run():
+        recipe = parse_stage_recipe(config_cls)
+        with launch_output_lock(recipe.training_args.output_dir):
+            main(recipe)
+
+    run_cli(run)

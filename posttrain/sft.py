@@ -17,10 +17,15 @@ import trl
 
 from posttrain.chat_template import load_training_tokenizer
 from posttrain.data import load_datasets, validate_sft_rows
-from posttrain.errors import run_cli
 from posttrain.lengths import drop_overlong_conversations
-from posttrain.recipe import Recipe, parse_stage_recipe
-from posttrain.run_dir import claim_output_dir, refuse_inputs_in_output_dir, reporting_stops, resume_checkpoint
+from posttrain.recipe import Recipe
+from posttrain.run_dir import (
+    claim_output_dir,
+    refuse_inputs_in_output_dir,
+    reporting_stops,
+    resume_checkpoint,
+    run_stage_cli,
+)
 from posttrain.runtime import setup_logging_and_seed
 from posttrain.saving import save_run
 from posttrain.trainers import build_trainer, check_model
@@ -53,4 +58,4 @@ def main(recipe: Recipe) -> None:
 
 
 if __name__ == "__main__":
-    run_cli(lambda: main(parse_stage_recipe(trl.SFTConfig)))
+    run_stage_cli(main, trl.SFTConfig)

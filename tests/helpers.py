@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import importlib
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
@@ -72,3 +78,84 @@ def one_error_line(stderr: str) -> str:
     errors = [line for line in stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1, stderr
     return errors[0]
+
+
+# ------------------------------------------------------------------ faults: one line, nothing changed
+
+
+def assert_one_line_error(result, *fragments: str, code: int = 2) -> str:
+    """A finished CLI run (CompletedProcess) that failed with `code`, no traceback, and whose only
+    error line, its last stderr line, holds every fragment; returns that line. (Notes and progress
+    bars may come before it.)"""
+    lines = result.stderr.splitlines()
+    assert result.returncode == code, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert [ln for ln in lines if ln.startswith("error")] == lines[-1:], lines
+    for fragment in fragments:
+        assert fragment in lines[-1], (fragment, lines[-1])
+    return lines[-1]
+
+
+def tree_hashes(*roots: Path) -> dict[str, str]:
+    """sha256 and mode of every file, and every directory name, under each root (a file stands for itself)."""
+    hashes = {}
+    for root in map(Path, roots):
+        for p in [root, *sorted(root.rglob("*"))] if root.is_dir() else [root]:
+            digest = hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
+            hashes[str(p)] = f"{digest} {oct(p.stat().st_mode)}"
+    return hashes
+
+
+@contextlib.contextmanager
+def small_tmpfs(path: Path, size: str = "1m"):
+    """A tmpfs of `size` mounted at `path` for the body: a file system that fills up, or turns read-only
+    (`make_read_only`). Skips the test where mounting is not allowed (not root)."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    path.mkdir(parents=True, exist_ok=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True)
+    if mounted.returncode:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", str(path)], check=True)
+
+
+def make_read_only(path: Path) -> None:
+    """A mounted tmpfs is remounted read-only; a plain directory (not root: chmod binds) loses its write bits."""
+    if os.path.ismount(path):
+        subprocess.run(["mount", "-o", "remount,ro", str(path)], check=True)
+    elif os.geteuid() == 0:
+        pytest.skip("root ignores permission bits: a read-only location needs a tmpfs mount")
+    else:
+        for p in [path, *path.rglob("*")]:
+            p.chmod(p.stat().st_mode & ~0o222)
+
+
+def run_paused(patch: str, argv: list, ready: Path, go: Path) -> subprocess.Popen:
+    """Start a CLI whose function `patch` ("package.module.function"), when first called, creates `ready`
+    and waits for `go` to exist: a run that holds its output directory as long as the test wants.
+    argv[0] is a script (.py, run as __main__) or a module whose main() is the CLI."""
+    module, function = patch.rsplit(".", 1)
+    entry, *args = map(str, argv)
+    run = (
+        f"runpy.run_path({entry!r}, run_name='__main__')"
+        if entry.endswith(".py")
+        else f"import {entry}; {entry}.main()"
+    )
+    code = (
+        "import runpy, sys, time\n"
+        "from pathlib import Path\n"
+        f"import {module} as m\n"
+        f"real = m.{function}\n"
+        "def paused(*args, **kwargs):\n"
+        f"    Path({str(ready)!r}).touch()\n"
+        f"    while not Path({str(go)!r}).exists():\n"
+        "        time.sleep(0.05)\n"
+        "    return real(*args, **kwargs)\n"
+        f"m.{function} = paused\n"
+        f"sys.argv = [{entry!r}, *{args!r}]\n"
+        f"{run}\n"
+    )
+    return subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import io
 import os
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+import torch
+from helpers import assert_one_line_error
 
 from posttrain import chat
+from posttrain.errors import PosttrainError
 
 
 def run_chat(*args, stdin: str | None = None) -> subprocess.CompletedProcess:
@@ -92,3 +97,107 @@ def test_not_a_model_dir_is_one_line_error(tmp_path):
     assert proc.stderr.strip().splitlines()[-1] == (
         f"error: {tmp_path} is not a model directory (no config.json); pass a convert/SFT/DPO output"
     )
+
+
+# ------------------------------------------------------------------ faults: one line, the REPL goes on
+
+
+@pytest.fixture
+def broken_model(tmp_path, tiny_model_dir):
+    """A copy of the tiny model directory, to be damaged by the test."""
+    return Path(shutil.copytree(tiny_model_dir, tmp_path / "model"))
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda d: (d / "config.json").write_text('{"model_type": "llama",'), "its config.json cannot be read ("),
+        (
+            lambda d: (d / "model.safetensors").write_bytes((d / "model.safetensors").read_bytes()[:5000]),
+            "the model cannot be loaded (",
+        ),
+        (lambda d: (d / "model.safetensors").unlink(), "the model cannot be loaded ("),
+    ],
+    ids=["corrupt_config", "truncated_weights", "no_weights"],
+)
+def test_a_model_dir_with_corrupt_weights_or_config_is_one_line(broken_model, damage, message):
+    damage(broken_model)
+    assert_one_line_error(run_chat(broken_model, "--prompt", "hi"), f"error: {broken_model}: {message}")
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--device", "cuda:7"], "--device cuda:7: this machine has "),
+        (["--device", "gpu0"], "--device 'gpu0' is not a device name (cpu, cuda, cuda:N, mps, ...)"),
+        (["--dtype", "float64x"], "--dtype 'float64x' is not auto or a floating-point dtype"),
+        (["--dtype", "int8"], "--dtype 'int8' is not auto or a floating-point dtype"),
+    ],
+)
+def test_a_device_or_dtype_that_is_not_there_is_refused_before_loading(tmp_path, flags, message):
+    with pytest.raises(PosttrainError) as err:  # the model directory does not exist: checked first
+        chat.main([str(tmp_path / "no_model"), "--prompt", "hi", *flags])
+    assert str(err.value).startswith(message)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_cuda_on_a_machine_without_it_is_one_line(tmp_path):
+    with pytest.raises(PosttrainError, match=r"^--device cuda: this machine has no CUDA device; use --device cpu$"):
+        chat.main([str(tmp_path), "--device", "cuda"])
+
+
+def test_a_prompt_longer_than_the_context_is_refused(tiny_model_dir, model_and_tokenizer):
+    context = model_and_tokenizer[0].config.max_position_embeddings
+    proc = run_chat(tiny_model_dir, "--prompt", "bees " * context, "--device", "cpu")
+    assert_one_line_error(proc, f"and the model's context is {context}: no room for a reply")
+    assert proc.stdout == ""
+
+
+def test_max_new_tokens_is_capped_at_what_the_context_leaves(model_and_tokenizer, capsys):
+    model, tokenizer = model_and_tokenizer
+    context = model.config.max_position_embeddings
+    messages = [{"role": "user", "content": "bees " * (context // 8)}]
+    n_prompt = len(tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)["input_ids"])
+    assert context // 8 < n_prompt < context
+    chat.generate_turn(model, tokenizer, messages, max_new_tokens=10 * context, do_sample=False)
+    assert capsys.readouterr().err == (
+        f"note: --max-new-tokens {10 * context} capped at {context - n_prompt}: the conversation takes "
+        f"{n_prompt} of the model's {context} context tokens\n"
+    )
+
+
+def test_the_repl_reports_undecodable_input_and_goes_on(tiny_model_dir):
+    proc = subprocess.run(
+        [sys.executable, "-m", "posttrain.chat", str(tiny_model_dir), "--max-new-tokens", "4", "--device", "cpu"],
+        input=b"caf\xe9 \xff\nWhat do bees make?\n/reset\n",
+        capture_output=True,
+        env={**os.environ, "PYTHONIOENCODING": "utf-8"},
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr.decode()[-2000:]
+    out = proc.stdout.decode()
+    ignored = out.index("[that line is not valid utf-8 text; ignored]\n")
+    assert ignored < out.index("[conversation reset]")
+    assert out[ignored:].split("\n", 1)[1].split("[conversation reset]")[0].strip()  # the next line got a reply
+
+
+def test_the_repl_refuses_a_turn_past_the_context_and_goes_on(model_and_tokenizer, monkeypatch):
+    """The refused turn is reported and left out of the conversation the next turn is generated from."""
+    model, tokenizer = model_and_tokenizer
+    context = model.config.max_position_embeddings
+    seen, real = [], chat.generate_reply
+
+    def recording_reply(model, tokenizer, messages, **kwargs):
+        seen.append([m["content"] for m in messages])
+        return real(model, tokenizer, messages, **kwargs)
+
+    monkeypatch.setattr(chat, "generate_reply", recording_reply)
+    stdout = io.StringIO()
+    stdin = io.StringIO(f"{'bees ' * context}\nHi\n")
+    chat.repl(model, tokenizer, None, {"max_new_tokens": 3, "do_sample": False}, stdin, stdout)
+    lines = stdout.getvalue().splitlines()
+    assert len(lines) == 2 and lines[1].startswith("[the conversation is ")
+    assert lines[1].endswith(
+        f"the model's context is {context}: no room for a reply; /reset starts a new conversation]"
+    )
+    assert seen == [[("bees " * context).strip()], ["Hi"]]

@@ -5,15 +5,18 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import assert_one_line_error, make_read_only, run_paused, small_tmpfs, tree_hashes
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from posttrain import convert, fixtures
+from posttrain import atomic, convert, fixtures
 from posttrain.chat_template import ENDOFTEXT, IM_END
 from posttrain.errors import PosttrainError
 from posttrain.source_model import reference_logits
@@ -396,3 +399,115 @@ def test_output_dir_dot_is_the_current_directory(source_checkpoint, tokenizer_di
     assert report["shards"] == 1
     assert [p.name for p in tmp_path.iterdir()] == ["empty"]  # no temporary sibling left
     assert AutoModelForCausalLM.from_pretrained(work).config.num_hidden_layers == 2
+
+
+# ------------------------------------------------------------------ faults and concurrent runs
+
+
+@pytest.mark.parametrize("value, kind", [(float("nan"), "NaN"), (float("inf"), "Inf"), (float("-inf"), "Inf")])
+def test_a_weight_with_nan_or_inf_is_refused_naming_its_key(tmp_path, tokenizer_dir, value, kind):
+    """Refused over a finished conversion, which stays exactly as it was."""
+    path = fixtures.write_source_checkpoint(tmp_path / "c.pt", with_optimizer=False)
+    convert.convert_checkpoint(path, tokenizer_dir, tmp_path / "out")
+    ckpt = torch.load(path, weights_only=True)
+    ckpt["model"]["_orig_mod.blocks.1.ffn.w_gate.weight"][5, 7] = value
+    torch.save(ckpt, path)
+    before = tree_hashes(tmp_path)
+    with pytest.raises(PosttrainError) as err:
+        convert.convert_checkpoint(path, tokenizer_dir, tmp_path / "out", overwrite=True)
+    assert (
+        str(err.value) == f"checkpoint weight 'blocks.1.ffn.w_gate.weight' holds {kind} values; refusing to convert it"
+    )
+    assert tree_hashes(tmp_path) == before
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_the_finite_check_finds_one_value_anywhere_in_a_large_tensor(dtype):
+    t = torch.randn(1000, 999).to(dtype)
+    assert convert.non_finite(t) is None
+    for index, value, kind in (((0, 0), "nan", "NaN"), ((517, 3), "-inf", "Inf"), ((999, 998), "inf", "Inf")):
+        t[index] = float(value)
+        assert convert.non_finite(t) == kind
+        t[index] = 0.0
+
+
+def test_without_rope_tables_the_conversion_says_what_it_could_not_check(tmp_path, tokenizer_dir, capsys):
+    path = fixtures.write_source_checkpoint(tmp_path / "c.pt", with_optimizer=False)
+    ckpt = torch.load(path, weights_only=True)
+    ckpt["model"] = {k: v for k, v in ckpt["model"].items() if "rope" not in k}
+    torch.save(ckpt, path)
+    convert.convert_checkpoint(path, tokenizer_dir, tmp_path / "out")
+    assert capsys.readouterr().err == (
+        f"note: {path} carries no RoPE table (blocks.0.attn.rope.cos_cached), so rope_theta and the head count "
+        "in model_args could not be cross-checked against it\n"
+    )
+
+
+def test_the_converted_model_is_readable_as_the_umask_says(source_checkpoint, tokenizer_dir, tmp_path):
+    old = os.umask(0o022)
+    try:
+        convert.convert_checkpoint(source_checkpoint, tokenizer_dir, tmp_path / "out")
+    finally:
+        os.umask(old)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in [tmp_path / "out", *(tmp_path / "out").iterdir()]}
+    assert modes.pop("out") == 0o755 and "model.safetensors" in modes  # safetensors alone writes 0600
+    assert set(modes.values()) == {0o644}, modes
+
+
+def test_a_disk_too_small_is_one_line_naming_the_size_needed(source_checkpoint, tokenizer_dir, tmp_path):
+    before = tree_hashes(source_checkpoint, tokenizer_dir)
+    with small_tmpfs(tmp_path / "fs", "512k") as fs:
+        run = cli(source_checkpoint, "--tokenizer", tokenizer_dir, "--output-dir", fs / "model", "--dtype", "float32")
+        assert_one_line_error(
+            run, f"cannot write output directory {fs / 'model'}: about 1.1 MiB needed, ", " KiB free ("
+        )
+        assert os.listdir(fs) == []
+    assert tree_hashes(source_checkpoint, tokenizer_dir) == before
+
+
+def test_a_disk_that_fills_while_writing_is_one_line(source_checkpoint, tokenizer_dir, tmp_path, monkeypatch):
+    """Another process takes the space after the check: safetensors' own I/O error becomes the line."""
+    monkeypatch.setattr(atomic, "check_free_space", lambda *args: None)
+    with small_tmpfs(tmp_path / "fs", "512k") as fs:
+        with pytest.raises(PosttrainError) as err:
+            convert.convert_checkpoint(source_checkpoint, tokenizer_dir, fs / "model", dtype="float32")
+        assert str(err.value).startswith(f"cannot write output directory {fs / 'model'}: no space left on the device")
+        assert str(err.value).endswith("; about 1.1 MiB needed; nothing was written")
+        assert os.listdir(fs) == []
+
+
+def test_a_read_only_location_leaves_the_finished_model_as_it_was(source_checkpoint, tokenizer_dir, tmp_path):
+    with small_tmpfs(tmp_path / "fs", "4m") as fs:
+        assert cli(source_checkpoint, "--tokenizer", tokenizer_dir, "--output-dir", fs / "model").returncode == 0
+        make_read_only(fs)
+        before = tree_hashes(fs)
+        run = cli(source_checkpoint, "--tokenizer", tokenizer_dir, "--output-dir", fs / "model", "--overwrite")
+        assert_one_line_error(run, f"cannot write output directory {fs / 'model'}: read-only file system")
+        assert tree_hashes(fs) == before
+
+
+def test_an_output_parent_that_is_a_file_is_one_line(source_checkpoint, tokenizer_dir, tmp_path):
+    (tmp_path / "runs").write_text("a file")
+    run = cli(source_checkpoint, "--tokenizer", tokenizer_dir, "--output-dir", tmp_path / "runs" / "model")
+    assert_one_line_error(run, f"output directory {tmp_path / 'runs' / 'model'}: {tmp_path / 'runs'} is a file")
+    assert os.listdir(tmp_path) == ["runs"]
+
+
+def test_two_runs_into_one_directory_exactly_one_writes(source_checkpoint, tokenizer_dir, tmp_path):
+    """The first run holds the directory (paused as it reads the checkpoint) while the second starts."""
+    out, ready, go = tmp_path / "model", tmp_path / "ready", tmp_path / "go"
+    args = [source_checkpoint, "--tokenizer", tokenizer_dir, "--output-dir", out, "--overwrite"]
+    first = run_paused("posttrain.convert.load_checkpoint", ["posttrain.convert", *args], ready, go)
+    try:
+        while not ready.exists():
+            assert first.poll() is None, first.communicate()
+            time.sleep(0.1)
+        second = cli(*args)
+        assert_one_line_error(second, f"output directory {out} is being written by another run (pid {first.pid} ")
+    finally:
+        go.touch()
+        stdout, stderr = first.communicate(timeout=300)
+    assert first.returncode == 0, stderr
+    assert stdout.splitlines()[-1].startswith(f"wrote {out} (1 shard(s)")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["go", "model", "ready"]  # no lock, no temporary left
+    assert json.loads((out / "conversion.json").read_text())["source"] == str(source_checkpoint.resolve())

@@ -424,6 +424,14 @@ def test_bad_input_is_one_line_before_training(tmp_path, tiny_model_dir, sft_dat
         fh.write('{"messages": [{"role": "user"\n')
     cases["malformed"] = (malformed, tiny_model_dir, r"malformed/train.jsonl line 3: malformed JSON")
 
+    empty_rows = tmp_path / "empty_rows.jsonl"
+    empty_rows.write_text("{}\n{}\n")
+    cases["empty_rows"] = (
+        empty_rows,
+        tiny_model_dir,
+        r"empty_rows.jsonl: all 2 rows are empty .*; training reads messages",
+    )
+
     no_answer = tmp_path / "no_answer.jsonl"
     fixtures.write_jsonl(no_answer, rows[:2] + [{"messages": rows[0]["messages"][:2]}])
     cases["no_answer"] = (no_answer, tiny_model_dir, r"no_answer.jsonl \(train\) row 3: no assistant turn")

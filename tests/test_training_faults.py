@@ -9,18 +9,18 @@ patching one Trainer method to kill, interrupt or fill the disk at a chosen mome
 from __future__ import annotations
 
 import functools
-import hashlib
 import os
 import re
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import helpers
 import pytest
 import torch
-from helpers import REPO, one_error_line, parse_stage
+from helpers import REPO, assert_one_line_error, one_error_line, parse_stage, run_paused, small_tmpfs, tree_hashes
 from safetensors.torch import load_file
 
 from posttrain import fixtures
@@ -29,15 +29,6 @@ from posttrain.recipe import RESOLVED_RECIPE_NAME
 
 write_recipe = functools.partial(helpers.write_recipe, "sft")
 SHORT = dict(max_steps=6, save_steps=2, eval_strategy="no", learning_rate=1e-2)
-
-
-def tree_hashes(root: Path) -> dict[str, str]:
-    """sha256 of every file under root, by relative path."""
-    return {
-        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(root.rglob("*"))
-        if p.is_file()
-    }
 
 
 def run_stage_script(tmp_path: Path, recipe: Path, *argv, patch: str = "", stage: str = "sft"):
@@ -49,11 +40,9 @@ def run_stage_script(tmp_path: Path, recipe: Path, *argv, patch: str = "", stage
         + textwrap.dedent(
             f"""
             from posttrain import {stage} as stage
-            from posttrain.errors import run_cli
-            from posttrain.recipe import parse_stage_recipe
+            from posttrain.run_dir import run_stage_cli
             import trl
-            config = trl.SFTConfig if "{stage}" == "sft" else stage.DPOConfig
-            run_cli(lambda: stage.main(parse_stage_recipe(config, sys.argv[1:])))
+            run_stage_cli(stage.main, trl.SFTConfig if "{stage}" == "sft" else stage.DPOConfig)
             """
         )
     )
@@ -242,7 +231,46 @@ def test_a_full_disk_while_saving_the_final_model_leaves_no_model(tmp_path, tiny
     out, proc = short_run_with_fault(tmp_path, tiny_model_dir, sft_data_dir, DISK_FULL_IN_FINAL_SAVE)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
     line = one_error_line(proc.stderr)
-    assert "disk full while writing" in line and "model.safetensors" in line, line
+    assert line.startswith(f"error: cannot write {out / '.final-model.tmp' / 'model.safetensors'}: no space left"), (
+        line
+    )
+    assert "free there" in line, line
     assert f"{out / 'checkpoint-6'} is the newest complete checkpoint" in line
     assert not any((out / name).exists() for name in ("config.json", "model.safetensors", RESOLVED_RECIPE_NAME))
     assert [p.name for p in out.iterdir() if p.name.startswith(".")] == []  # no temporary directory left
+
+
+# ------------------------------------------------------------------ one writer, real faults
+
+
+def test_two_runs_into_one_output_dir_at_once_exactly_one_runs(tmp_path, tiny_model_dir, sft_data_dir):
+    """The first run holds the directory (paused as it builds its trainer) while the second starts."""
+    out, ready, go = tmp_path / "out", tmp_path / "ready", tmp_path / "go"
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_model_dir, sft_data_dir, out, max_steps=2, eval_strategy="no")
+    script = REPO / "posttrain" / "sft.py"
+    first = run_paused("posttrain.trainers.build_trainer", [script, recipe], ready, go)
+    try:
+        while not ready.exists():
+            assert first.poll() is None, first.communicate()
+            time.sleep(0.1)
+        second = subprocess.run(
+            [sys.executable, str(script), str(recipe)], capture_output=True, text=True, timeout=300
+        )
+        assert_one_line_error(second, f"output directory {out} is being written by another run (pid {first.pid} ")
+    finally:
+        go.touch()
+        _, stderr = first.communicate(timeout=600)
+    assert first.returncode == 0, stderr
+    assert (out / RESOLVED_RECIPE_NAME).is_file()
+    assert not (tmp_path / ".out.lock").exists()
+
+
+def test_a_disk_that_fills_while_a_checkpoint_is_written_is_one_line(tmp_path, tiny_model_dir, sft_data_dir):
+    """A real full disk: a tmpfs with room for the model but not for a checkpoint with its optimizer state."""
+    model_bytes = (tiny_model_dir / "model.safetensors").stat().st_size
+    with small_tmpfs(tmp_path / "disk", size=f"{model_bytes * 2 // 1024}k") as disk:
+        recipe = write_recipe(tmp_path / "r.yaml", tiny_model_dir, sft_data_dir, disk / "out", **SHORT)
+        proc = run_stage_script(tmp_path, recipe)
+        line = assert_one_line_error(proc, "cannot write the run's files", "free there")
+        assert "no checkpoint was saved" in line, line
+        assert not (disk / "out" / RESOLVED_RECIPE_NAME).exists()
