@@ -30,3 +30,4 @@ class StepTimer(TrainerCallback):
         self.seconds = time.perf_counter() - self.t0
         self.tokens = self.trainer._total_train_tokens - self.tokens0
         self.steps = state.global_step - self.skip
+        self.trainer = None  # the trainer holds the model and optimizer: let them be freed
