@@ -6,15 +6,14 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import math
 
 import torch
 import yaml
-from helpers import write_demo_recipe
+from helpers import log_history, run_stage, write_recipe
 from safetensors.torch import load_file
 
-from posttrain import dpo, fixtures, training
+from posttrain import dpo, fixtures
 from posttrain.dpo_batching import pair_length
 from posttrain.recipe import RESOLVED_RECIPE_NAME
 
@@ -51,7 +50,7 @@ def test_length_grouped_run_trains_and_saves(tmp_path, tiny_model_dir, preferenc
 
     monkeypatch.setattr(dpo.PreferenceTrainer, "_get_train_sampler", record)
     out = tmp_path / "out"
-    recipe = write_demo_recipe(
+    recipe = write_recipe(
         "dpo",
         tmp_path / "r.yaml",
         tiny_model_dir,
@@ -64,7 +63,7 @@ def test_length_grouped_run_trains_and_saves(tmp_path, tiny_model_dir, preferenc
         train_sampling_strategy="group_by_length",
     )
     with contextlib.redirect_stdout(io.StringIO()):
-        dpo.main(*training.parse(dpo.DPOConfig, [str(recipe)]))
+        run_stage("dpo", recipe)
 
     (sampler,) = samplers
     assert isinstance(sampler, LengthGroupedSampler) and sampler.generator is not None
@@ -79,7 +78,7 @@ def test_length_grouped_run_trains_and_saves(tmp_path, tiny_model_dir, preferenc
     assert resolved["train_sampling_strategy"] == "group_by_length"
     trained, start = load_file(out / "model.safetensors"), load_file(tiny_model_dir / "model.safetensors")
     assert any(not torch.equal(trained[k], start[k]) for k in trained)
-    history = json.loads((out / "trainer_state.json").read_text())["log_history"]
+    history = log_history(out)
     losses = [e["loss"] for e in history if "loss" in e]
     assert len(losses) == 4 and all(math.isfinite(x) for x in losses)
     assert any("eval_loss" in e for e in history)  # the length-grouped eval sampler ran too
