@@ -11,7 +11,7 @@ export HF_DATASETS_OFFLINE := 1
 export TRANSFORMERS_NO_ADVISORY_WARNINGS := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo lint format test test-fast test-slow bench clean
+.PHONY: install demo lint format test test-fast test-slow bench bench-gpu clean
 
 $(BIN)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -44,11 +44,16 @@ test-slow: install
 	$(BIN)/python -m pytest tests -m slow
 
 # CPU benchmarks (figures printed and written to benchmarks/results/*.json).
-# The full-size conversion needs ~11 GB of free disk and ~12 GB RAM; sft_gpu.py needs a CUDA GPU.
+# The full-size conversion needs ~11 GB of free disk and ~12 GB RAM; gpu.py (make bench-gpu) a CUDA GPU.
 bench: install
 	$(BIN)/python benchmarks/convert_full_size.py
 	$(BIN)/python benchmarks/sft_packing.py
+	$(BIN)/python benchmarks/sft_recipe_stats.py
+	$(BIN)/python benchmarks/dpo_padding.py
 	$(BIN)/python benchmarks/prepare_sft_throughput.py
+
+bench-gpu: install
+	$(BIN)/python benchmarks/gpu.py
 
 clean:
 	rm -rf $(VENV) demo_runs bench_results

@@ -30,7 +30,6 @@ import platform
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -91,18 +90,10 @@ def throughput(rows: list[list[int]], **sft_args) -> dict:
     """Real tokens/s of SFTTrainer steps over `rows` (pre-tokenized; labels = input_ids), one epoch,
     timed after the first step (lazy initialisation) from the tokens TRL itself counts."""
     import datasets
-    from transformers import TrainerCallback
+    from step_timer import StepTimer
     from trl import SFTConfig, SFTTrainer
 
-    class Timer(TrainerCallback):
-        def on_step_end(self, args, state, control, **kwargs):
-            if state.global_step == 1:
-                self.t0, self.tokens0 = time.perf_counter(), trainer._total_train_tokens
-
-        def on_train_end(self, args, state, control, **kwargs):
-            self.seconds, self.tokens = time.perf_counter() - self.t0, trainer._total_train_tokens - self.tokens0
-
-    timer = Timer()
+    timer = StepTimer(skip=1)
     with tempfile.TemporaryDirectory() as out:
         args = SFTConfig(
             output_dir=out,
@@ -124,9 +115,10 @@ def throughput(rows: list[list[int]], **sft_args) -> dict:
             callbacks=[timer],
             train_dataset=datasets.Dataset.from_dict({"input_ids": rows}),
         )
+        timer.trainer = trainer
         trainer.train()
     return {
-        "timed_steps": trainer.state.global_step - 1,
+        "timed_steps": timer.steps,
         "seconds": timer.seconds,
         "real_tokens_per_s": timer.tokens / timer.seconds,
     }
@@ -140,7 +132,7 @@ def modelled_compute(lengths: list[int], packed_rows: int) -> dict:
     (sdpa then computes every entry), 6 x L^2 x hidden per sequence for a causal varlen kernel
     (flash-attention computes only each conversation's own lower triangle).
     """
-    from sft_gpu import model_config, param_count
+    from gpu import model_config, param_count
 
     c = model_config()
     E, layers = c.hidden_size, c.num_hidden_layers

@@ -20,6 +20,7 @@ from trl.trainer.utils import global_then_local_main_first
 
 from posttrain.chat_template import load_training_tokenizer
 from posttrain.data import load_datasets, validate_preference_rows
+from posttrain.dpo_batching import LengthGroupedPairs
 from posttrain.lengths import drop_unfit_rows
 from posttrain.recipe import Recipe
 from posttrain.run_dir import (
@@ -69,7 +70,7 @@ class DPOConfig(trl.DPOConfig):
             )
 
 
-class PreferenceTrainer(trl.DPOTrainer):
+class PreferenceTrainer(LengthGroupedPairs, trl.DPOTrainer):
     """TRL's DPOTrainer, counting the pairs it cannot learn from and serving zero reference log-probs for
     `reference_free`.
 

@@ -1,0 +1,284 @@
+#!/usr/bin/env python
+"""How much of DPO's compute is padding, with random and with length-grouped micro-batches.
+
+    python benchmarks/dpo_padding.py      # prints, and writes benchmarks/results/dpo_padding.json
+
+TRL 1.16's DPOTrainer pads the chosen and rejected sequences of every pair in a micro-batch to
+the longest of them (its padding-free mode is disabled). This measures the padding fraction
+(pad tokens / processed tokens) of the production recipe's micro-batches (2 pairs per GPU, 8
+accumulation, 8 GPUs, max_length 2048), on preference-pair lengths shaped like UltraFeedback's:
+
+1. Padding fraction over a full epoch of 57,871 pairs (the recipe's train split), batched by
+   transformers' own samplers, as the Trainer builds them: random (`RandomSampler`'s
+   permutation) and `group_by_length` (`get_length_grouped_indices` with the recipe's batch of
+   2 x 8, megabatches of 50 x 16 pairs) on the pair length `posttrain.dpo_batching.pair_length`.
+   The floor no sampler can remove (each pair alone: chosen padded to rejected or back) is
+   given too, and how all three move with the assumed chosen/rejected length correlation.
+2. Real tokens/s of DPO steps of the tiny model (2 layers, hidden 96, sdpa, CPU; policy and
+   live reference) through posttrain's DPO trainer (TRL's DPOTrainer), both batchings on the
+   same 96-pair sample in one run, its lengths and max_length divided by 4 to fit this CPU; the
+   padding TRL's collator really produced is recorded.
+
+The lengths are an assumption, not a measurement (the Hub is unreachable here). Token counts of
+argilla/ultrafeedback-binarized-preferences-cleaned in the Qwen tokenizer are modelled as
+log-normal: the prompt (rendered with the system prompt and ChatML scaffolding) median 110,
+sigma 0.9 (mean ~165: mostly short questions, a tail of pasted documents); the responses median
+230 (chosen) and 190 (rejected), sigma 0.75 (means ~305 and ~250: chosen answers run longer, the
+length bias reported for UltraFeedback), their log-lengths correlated 0.3 (different models
+answer the same prompt). `--data DIR --tokenizer DIR` measures a prepared data_scripts
+directory instead (e.g. data/dpo_ultrafeedback with runs/converted).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch  # noqa: E402
+from recipe_figures import DPO_TRAIN_PAIRS  # noqa: E402
+
+from posttrain.dpo_batching import pair_length  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results" / "dpo_padding.json"
+MAX_LENGTH = 2048
+PAIRS_PER_GPU, ACCUMULATION = 2, 8  # recipes/dpo.yaml
+PROMPT = (110, 0.9)  # log-normal (median, sigma) in tokens
+CHOSEN, REJECTED, RESPONSE_SIGMA = 230, 190, 0.75
+CORRELATION = 0.3  # of the chosen and rejected log-lengths
+SAMPLE_PAIRS = 96  # for the CPU throughput runs ...
+CPU_SCALE = 4  # ... whose lengths (and max_length) are divided by 4: a masked 4 x 1,300-token step of the
+# tiny model takes ~5 s on this shared CPU; padding fractions do not depend on the scale
+
+
+def ultrafeedback_lengths(n: int = DPO_TRAIN_PAIRS, correlation: float = CORRELATION, seed: int = 0):
+    """(prompt, chosen, rejected) token counts under the assumption in the module docstring."""
+    gen = torch.Generator().manual_seed(seed)
+    z_prompt, z_shared, z_chosen, z_rejected = torch.randn(4, n, generator=gen)
+
+    def lognormal(median, sigma, z, floor):
+        return (math.log(median) + sigma * z).exp().round().clamp(min=floor).long().tolist()
+
+    a, b = math.sqrt(correlation), math.sqrt(1 - correlation)
+    prompt = lognormal(*PROMPT, z_prompt, floor=30)  # the system prompt and scaffolding alone are ~30
+    chosen = lognormal(CHOSEN, RESPONSE_SIGMA, a * z_shared + b * z_chosen, floor=2)
+    rejected = lognormal(REJECTED, RESPONSE_SIGMA, a * z_shared + b * z_rejected, floor=2)
+    return list(zip(prompt, chosen, rejected))
+
+
+def padding_fraction(pairs, order: list[int], pairs_per_batch: int, max_length: int = MAX_LENGTH) -> float:
+    """Pad tokens / processed tokens when micro-batches of `pairs_per_batch` are taken in `order`,
+    each padded as TRL's DataCollatorForPreference pads it: 2 rows per pair (prompt + chosen, prompt +
+    rejected, each cut at max_length), all padded to the longest row of the micro-batch."""
+    real = processed = 0
+    for i in range(0, len(order), pairs_per_batch):
+        rows = []
+        for prompt, chosen, rejected in (pairs[j] for j in order[i : i + pairs_per_batch]):
+            rows += [min(prompt + chosen, max_length), min(prompt + rejected, max_length)]
+        real += sum(rows)
+        processed += len(rows) * max(rows)
+    return 1 - real / processed
+
+
+def batch_orders(pairs, seed: int = 0) -> dict[str, list[int]]:
+    """The Trainer's sampler orders for one epoch: random, and group_by_length on the pair length."""
+    from transformers.trainer_pt_utils import get_length_grouped_indices
+
+    lengths = [pair_length(range(p), range(c), range(r), MAX_LENGTH) for p, c, r in pairs]
+    gen = torch.Generator().manual_seed(seed)
+    return {
+        "random": torch.randperm(len(pairs), generator=gen).tolist(),
+        "group_by_length": get_length_grouped_indices(lengths, PAIRS_PER_GPU * ACCUMULATION, generator=gen),
+    }
+
+
+def padding(pairs) -> dict:
+    orders = batch_orders(pairs)
+    result = {name: padding_fraction(pairs, order, PAIRS_PER_GPU) for name, order in orders.items()}
+    result["within_pairs_floor"] = padding_fraction(pairs, list(range(len(pairs))), 1)
+    result["reduction"] = result["random"] / result["group_by_length"]
+    return result
+
+
+def preference_dataset(pairs, tokenizer):
+    """Text rows TRL tokenizes to exactly the (prompt, chosen, rejected) token counts of `pairs`:
+    a word that is one token in the fixture tokenizer, repeated (non-conversational rows; TRL
+    appends eos to each response, hence one word fewer)."""
+    import datasets
+
+    word = " the"
+    assert len(tokenizer(word * 7, add_special_tokens=False)["input_ids"]) == 7
+    return datasets.Dataset.from_dict(
+        {
+            "prompt": [word * p for p, _, _ in pairs],
+            "chosen": [word * (c - 1) for _, c, _ in pairs],
+            "rejected": [word * (r - 1) for _, _, r in pairs],
+        }
+    )
+
+
+def tiny_dpo_throughput(pairs, strategy: str) -> dict:
+    """Real tokens/s of DPO steps (tiny model, CPU, live reference) over `pairs` in one epoch, timed after
+    the first step; also the padding fraction of the batches TRL's collator really built."""
+    from sft_packing import tiny_model
+    from step_timer import StepTimer
+
+    from posttrain.dpo import DPOConfig, PreferenceTrainer
+    from posttrain.fixtures import build_tokenizer
+
+    tokenizer = build_tokenizer()
+    seen = {"real": 0, "processed": 0}
+    timer = StepTimer(skip=1)
+    with tempfile.TemporaryDirectory() as out:
+        args = DPOConfig(
+            output_dir=out,
+            per_device_train_batch_size=PAIRS_PER_GPU,
+            gradient_accumulation_steps=1,
+            max_length=MAX_LENGTH // CPU_SCALE,
+            train_sampling_strategy=strategy,
+            num_train_epochs=1,
+            learning_rate=1e-5,
+            report_to="none",
+            save_strategy="no",
+            logging_steps=10_000,
+            disable_tqdm=True,
+            use_cpu=True,
+            seed=0,
+        )
+        trainer = PreferenceTrainer(
+            model=tiny_model(),
+            ref_model=tiny_model(),  # the same seeded weights: a live reference, as the recipe
+            args=args,
+            processing_class=tokenizer,
+            train_dataset=preference_dataset(pairs, tokenizer),
+            callbacks=[timer],
+        )
+        timer.trainer = trainer
+        collate = trainer.data_collator
+
+        def counting_collator(examples):
+            batch = collate(examples)
+            seen["real"] += int(batch["attention_mask"].sum())
+            seen["processed"] += batch["attention_mask"].numel()
+            return batch
+
+        trainer.data_collator = counting_collator
+        trainer.train()
+    return {
+        "timed_steps": timer.steps,
+        "seconds": timer.seconds,
+        "real_tokens_per_s": timer.tokens / timer.seconds,
+        "padding_fraction_observed": 1 - seen["real"] / seen["processed"],
+    }
+
+
+def prepared_lengths(data_dir: str, tokenizer_dir: str):
+    """(prompt, chosen, rejected) token counts of a data_scripts preference directory's train.jsonl."""
+    from posttrain.chat_template import load_chat_tokenizer
+
+    tok = load_chat_tokenizer(tokenizer_dir)
+    rows = [json.loads(line) for line in open(Path(data_dir) / "train.jsonl", encoding="utf-8")]
+
+    def n(conversations, **kw):
+        texts = tok.apply_chat_template(conversations, tokenize=False, **kw)
+        return [len(ids) for ids in tok(texts, add_special_tokens=False)["input_ids"]]
+
+    prompt = n([r["prompt"] for r in rows], add_generation_prompt=True)
+    chosen = n([r["prompt"] + r["chosen"] for r in rows])
+    rejected = n([r["prompt"] + r["rejected"] for r in rows])
+    return [(p, c - p, r - p) for p, c, r in zip(prompt, chosen, rejected)]
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", help="a data_scripts preference directory to measure instead of the assumed shape")
+    p.add_argument("--tokenizer", help="with --data: the tokenizer directory (e.g. runs/converted)")
+    p.add_argument("--output", type=Path, default=RESULTS)
+    args = p.parse_args(argv)
+
+    from datasets.utils.logging import disable_progress_bar
+
+    disable_progress_bar()
+    # One thread: on a shared 2-core machine OpenMP's second thread spins waiting for a descheduled
+    # partner, and a small matmul takes 15x longer than on one thread. The ratio of the two runs is the result.
+    torch.set_num_threads(1)
+    if args.data:
+        pairs, source = prepared_lengths(args.data, args.tokenizer), f"measured: {args.data}/train.jsonl"
+        sensitivity = None
+    else:
+        pairs, source = ultrafeedback_lengths(), "assumed log-normal UltraFeedback shape (see the docstring)"
+        sensitivity = {str(rho): padding(ultrafeedback_lengths(correlation=rho)) for rho in (0.0, 0.3, 0.6)}
+    pad = padding(pairs)
+    picked = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(1))[:SAMPLE_PAIRS].tolist()
+    sample = [tuple(max(n // CPU_SCALE, 2) for n in pairs[i]) for i in picked]
+    runs = {strategy: tiny_dpo_throughput(sample, strategy) for strategy in ("random", "group_by_length")}
+    prompt, chosen, rejected = zip(*pairs)
+    result = {
+        "lengths": {
+            "source": source,
+            "pairs": len(pairs),
+            "assumption": None
+            if args.data
+            else {
+                "prompt_lognormal_median_sigma": PROMPT,
+                "chosen_lognormal_median_sigma": (CHOSEN, RESPONSE_SIGMA),
+                "rejected_lognormal_median_sigma": (REJECTED, RESPONSE_SIGMA),
+                "chosen_rejected_log_correlation": CORRELATION,
+            },
+            "mean_prompt": statistics.fmean(prompt),
+            "mean_chosen": statistics.fmean(chosen),
+            "mean_rejected": statistics.fmean(rejected),
+            "over_max_length": sum(p + max(c, r) > MAX_LENGTH for p, c, r in pairs),
+        },
+        "batch": {"pairs_per_gpu": PAIRS_PER_GPU, "accumulation": ACCUMULATION, "max_length": MAX_LENGTH},
+        "padding_fraction": pad,
+        "padding_fraction_by_correlation": sensitivity,
+        "throughput_tiny_model": {
+            "device": f"CPU ({platform.machine()}, {torch.get_num_threads()} threads, shared)",
+            "sample_pairs": SAMPLE_PAIRS,
+            "sample_lengths_and_max_length_divided_by": CPU_SCALE,
+            "note": "one epoch over the sample with 1 accumulation: its megabatches hold "
+            f"{min(SAMPLE_PAIRS // (4 * PAIRS_PER_GPU), 50) * PAIRS_PER_GPU} pairs, not the recipe's "
+            f"{50 * PAIRS_PER_GPU * ACCUMULATION}, so the sample's grouped batches pad more than the full epoch's",
+            "runs": runs,
+            "group_by_length_vs_random": runs["group_by_length"]["real_tokens_per_s"]
+            / runs["random"]["real_tokens_per_s"],
+        },
+    }
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(result, indent=2) + "\n")
+
+    L = result["lengths"]
+    print(
+        f"{L['pairs']} pairs ({source}): mean prompt {L['mean_prompt']:.0f}, chosen {L['mean_chosen']:.0f}, "
+        f"rejected {L['mean_rejected']:.0f} tokens"
+    )
+    print(f"padding fraction of DPO micro-batches ({PAIRS_PER_GPU} pairs, max_length {MAX_LENGTH}):")
+    print(f"  random            {pad['random']:.3f}")
+    print(f"  group_by_length   {pad['group_by_length']:.3f}  ({pad['reduction']:.2f}x less)")
+    print(f"  floor (each pair alone: chosen vs rejected) {pad['within_pairs_floor']:.3f}")
+    for rho, s in (sensitivity or {}).items():
+        print(
+            f"  correlation {rho}: random {s['random']:.3f}, grouped {s['group_by_length']:.3f}, "
+            f"floor {s['within_pairs_floor']:.3f}"
+        )
+    print(f"DPO steps, tiny model, {result['throughput_tiny_model']['device']}, {SAMPLE_PAIRS} pairs:")
+    for name, run in runs.items():
+        print(
+            f"  {name:<16} {run['real_tokens_per_s']:>8.0f} real tokens/s, padding {run['padding_fraction_observed']:.3f} "
+            f"({run['timed_steps']} steps, {run['seconds']:.1f} s)"
+        )
+    print(f"wrote {args.output}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,410 @@
+#!/usr/bin/env python
+"""Every stage of the pipeline on the real model shape, on one CUDA GPU: what the production runs will cost.
+
+    python benchmarks/gpu.py [--steps 10] [--output benchmarks/results/gpu.json]     # ~3-5 min, at most 8
+
+A randomly initialised LlamaForCausalLM of the converted Qwen3-1.8B's shape (24 layers, hidden
+2048, 16 heads MHA, d_ff 5461, vocab 151,669, rope_theta 1e6, untied: 1,829,246,976
+parameters), run by the same trainers and settings as the recipes, one after the other:
+
+- SFT (TRL's SFTTrainer as recipes/sft.yaml trains: fp32 weights, bf16 autocast, bfd packing
+  into rows of 2048 run padding-free, activation checkpointing, AdamW) on Alpaca-shaped
+  conversations: real tokens/s, model FLOPs utilisation, peak memory; with sdpa, and with
+  flash_attention_2 when flash-attn is installed.
+- DPO (posttrain's DPO trainer, i.e. TRL's DPOTrainer, as recipes/dpo.yaml: 2 pairs per step,
+  max_length 2048) on UltraFeedback-shaped pairs (benchmarks/dpo_padding.py's assumption): pairs/s
+  with a live bf16 reference, and with precomputed reference log-probs (training pairs/s and the
+  reference pass's pairs/s), peak memory of each.
+- Evaluation: log-likelihood requests/s of lm-evaluation-harness's HFLM (bf16, batch 32, as the
+  README's lm_eval command) on ARC-shaped requests, peak memory; skipped if lm-eval is absent.
+- What those rates mean for the production recipes on 8 GPUs (benchmarks/recipe_figures.py's
+  updates and batch; linear data-parallel scaling plus a modelled per-update synchronisation).
+
+MFU counts 6 x (matmul parameters) FLOPs per trained token (forward 2, backward 4; not the
+attention scores, not activation checkpointing's recomputation), over the GPU's dense bf16 peak.
+One GPU holds the whole model and optimizer (no ZeRO): peak memory is an upper bound on a GPU's
+share under ZeRO-2. Writes benchmarks/results/gpu.json. Needs a CUDA GPU; `--smoke` runs a tiny
+shape on CPU to check the script itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import importlib.util
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+BENCHMARKS = Path(__file__).resolve().parent
+RESULTS = BENCHMARKS / "results" / "gpu.json"
+GPUS = 8
+SEQ = 2048  # max_length of both recipes
+SYNC_S = 0.015  # modelled per-update gradient reduce-scatter + weight all-gather + sharded Adam, ZeRO-2, NVLink
+# ARC-Easy (2,376 test questions), ARC-Challenge (1,172), OpenBookQA (500): ~4 choices, one request each
+EVAL_REQUESTS = 4 * (2_376 + 1_172 + 500)
+# Dense bf16 peak, TFLOP/s, by a substring of torch.cuda.get_device_name(); the longest match wins.
+PEAK_TFLOPS = {
+    "A100": 312,
+    "H100": 989,
+    "H100 PCIE": 756,
+    "H800": 989,
+    "H200": 989,
+    "GH200": 989,
+    "B200": 2250,
+    "GB200": 2500,
+    "L40S": 362,
+}
+
+
+# --------------------------------------------------------------------------- arithmetic (tested on CPU)
+
+
+def model_config(**overrides):
+    """The converted Qwen3-1.8B's architecture (convert-checkpoint writes exactly this LlamaConfig)."""
+    from transformers import LlamaConfig
+
+    shape = dict(
+        vocab_size=151669,
+        hidden_size=2048,
+        intermediate_size=5461,
+        num_hidden_layers=24,
+        num_attention_heads=16,
+        num_key_value_heads=16,
+        max_position_embeddings=SEQ,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+        attention_bias=False,
+        mlp_bias=False,
+        rope_parameters={"rope_type": "default", "rope_theta": 1e6},
+    )
+    return LlamaConfig(**{**shape, **overrides})
+
+
+def param_count(c) -> int:
+    """Parameters of a LlamaForCausalLM, from its config alone."""
+    E, F, V, L = c.hidden_size, c.intermediate_size, c.vocab_size, c.num_hidden_layers
+    kv = c.num_key_value_heads * (E // c.num_attention_heads)
+    layer = 2 * E * E + 2 * E * kv + 3 * E * F + 2 * E  # q, o; k, v; gate, up, down; two RMSNorms
+    return V * E + L * layer + E + (0 if c.tie_word_embeddings else V * E)
+
+
+def matmul_params(c) -> int:
+    """The parameters a token is multiplied by: all but the input embedding (a lookup) and the norms."""
+    return (
+        param_count(c)
+        - (0 if c.tie_word_embeddings else c.vocab_size * c.hidden_size)
+        - (2 * c.num_hidden_layers + 1) * c.hidden_size
+    )
+
+
+def train_flops_per_token(c) -> float:
+    return 6 * matmul_params(c)
+
+
+def peak_tflops(device_name: str) -> float | None:
+    name = device_name.upper()
+    matches = [k for k in PEAK_TFLOPS if k in name]
+    return PEAK_TFLOPS[max(matches, key=len)] if matches else None
+
+
+def mfu(tokens_per_s: float, flops_per_token: float, peak_flops: float) -> float:
+    """Model FLOPs utilisation: the model FLOPs done per second over the peak."""
+    return flops_per_token * tokens_per_s / peak_flops
+
+
+def sft_wall_time_s(
+    updates: int, tokens_per_update: float, tokens_per_s_per_gpu: float, gpus: int = GPUS, sync_s: float = SYNC_S
+) -> float:
+    """Seconds of optimizer updates: each update's tokens shared by the GPUs, plus its synchronisation."""
+    return updates * (tokens_per_update / (gpus * tokens_per_s_per_gpu) + sync_s)
+
+
+def dpo_wall_time_s(
+    pairs: int,
+    updates: int,
+    pairs_per_s_per_gpu: float,
+    reference_pairs_per_s_per_gpu: float | None = None,
+    gpus: int = GPUS,
+    sync_s: float = SYNC_S,
+) -> float:
+    """Seconds of DPO training, plus the reference pass when its log-probs are precomputed."""
+    train = pairs / (gpus * pairs_per_s_per_gpu) + updates * sync_s
+    return train + (pairs / (gpus * reference_pairs_per_s_per_gpu) if reference_pairs_per_s_per_gpu else 0.0)
+
+
+# --------------------------------------------------------------------------- measurements
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--steps", type=int, default=10, help="timed optimizer steps per training measurement")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps first (allocator, kernels)")
+    p.add_argument("--eval-requests", type=int, default=2048, help="log-likelihood requests timed")
+    p.add_argument("--peak-tflops", type=float, help="dense bf16 peak of this GPU (default: from a table by name)")
+    p.add_argument("--smoke", action="store_true", help="a tiny shape on CPU: checks the script, measures nothing")
+    p.add_argument("--output", type=Path, default=RESULTS)
+    return p.parse_args(argv)
+
+
+class Device:
+    """Where the measurements run: the GPU, or the CPU for --smoke."""
+
+    def __init__(self, smoke: bool):
+        import torch
+
+        self.torch, self.cuda = torch, not smoke
+        self.name = torch.cuda.get_device_name() if self.cuda else "cpu (smoke test)"
+
+    def sync(self):
+        if self.cuda:
+            self.torch.cuda.synchronize()
+
+    def reset(self):
+        gc.collect()
+        if self.cuda:
+            self.torch.cuda.empty_cache()
+            self.torch.cuda.reset_peak_memory_stats()
+
+    def peak_gib(self) -> float | None:
+        return self.torch.cuda.max_memory_allocated() / 2**30 if self.cuda else None
+
+    def model(self, config, dtype: str, attn: str = "sdpa", seed: int = 0):
+        from transformers import LlamaForCausalLM
+
+        self.torch.manual_seed(seed)
+        with self.torch.device("cuda" if self.cuda else "cpu"):
+            return LlamaForCausalLM._from_config(config, dtype=getattr(self.torch, dtype), attn_implementation=attn)
+
+
+def trainer_args(config_cls, out: str, device: Device, steps: int, **kwargs):
+    return config_cls(
+        output_dir=out,
+        bf16=device.cuda,
+        use_cpu=not device.cuda,
+        max_length=SEQ if device.cuda else 64,
+        gradient_accumulation_steps=1,
+        max_steps=steps,
+        activation_checkpointing=True,
+        learning_rate=1e-6,
+        adam_beta2=0.95,
+        max_grad_norm=1.0,
+        report_to="none",
+        save_strategy="no",
+        logging_steps=10_000,
+        disable_tqdm=True,
+        seed=0,
+        **kwargs,
+    )
+
+
+def measure_sft(config, device: Device, attn: str, args) -> dict:
+    import datasets
+    from step_timer import StepTimer
+    from trl import SFTConfig, SFTTrainer
+
+    from posttrain.fixtures import alpaca_lengths, build_tokenizer, random_token_rows
+
+    device.reset()
+    steps = args.warmup + args.steps
+    seq = SEQ if device.cuda else 64
+    lengths = [min(n, seq) for n in alpaca_lengths(n=math.ceil(steps * seq * 1.2 / 100), seed=0)]
+    timer = StepTimer(skip=args.warmup, sync=device.sync)
+    with tempfile.TemporaryDirectory() as out:
+        trainer = SFTTrainer(
+            model=device.model(config, "float32", attn),
+            args=trainer_args(
+                SFTConfig, out, device, steps, packing=True, packing_strategy="bfd", per_device_train_batch_size=1
+            ),
+            processing_class=build_tokenizer(),
+            callbacks=[timer],
+            train_dataset=datasets.Dataset.from_dict({"input_ids": random_token_rows(lengths, 384)}),
+        )
+        timer.trainer = trainer
+        trainer.train()
+    del trainer
+    tokens_per_s = timer.tokens / timer.seconds
+    return {
+        "attn_implementation": attn,
+        "seconds_per_step": timer.seconds / timer.steps,
+        "real_tokens_per_step": timer.tokens / timer.steps,
+        "real_tokens_per_s": tokens_per_s,
+        "peak_memory_gib": device.peak_gib(),
+    }
+
+
+def measure_dpo(config, device: Device, precompute: bool, args) -> dict:
+    from dpo_padding import preference_dataset, ultrafeedback_lengths
+    from step_timer import StepTimer
+
+    from posttrain.dpo import DPOConfig, PreferenceTrainer
+    from posttrain.fixtures import build_tokenizer
+
+    class TimedTrainer(PreferenceTrainer):
+        reference_seconds = 0.0
+
+        def _precompute_ref_logps(self, dataset, name, batch_size):
+            device.sync()
+            t0 = time.perf_counter()
+            dataset = super()._precompute_ref_logps(dataset, name, batch_size)
+            device.sync()
+            TimedTrainer.reference_seconds += time.perf_counter() - t0
+            return dataset
+
+    device.reset()
+    steps, pairs_per_step = args.warmup + args.steps, 2
+    scale = 1 if device.cuda else 32
+    pairs = [tuple(max(n // scale, 2) for n in pair) for pair in ultrafeedback_lengths(steps * pairs_per_step)]
+    tokenizer = build_tokenizer()
+    timer = StepTimer(skip=args.warmup, sync=device.sync)
+    policy = device.model(config, "float32")
+    reference = None if precompute else device.model(config, "bfloat16")  # the frozen bf16 replica of ZeRO-2
+    if reference is not None:
+        reference.load_state_dict(policy.state_dict())
+    with tempfile.TemporaryDirectory() as out:
+        trainer = TimedTrainer(
+            model=policy,
+            ref_model=reference,
+            args=trainer_args(
+                DPOConfig,
+                out,
+                device,
+                steps,
+                per_device_train_batch_size=pairs_per_step,
+                precompute_ref_log_probs=precompute,
+                precompute_ref_batch_size=8,
+            ),
+            processing_class=tokenizer,
+            train_dataset=preference_dataset(pairs, tokenizer),
+            callbacks=[timer],
+        )
+        timer.trainer = trainer
+        trainer.train()
+    del trainer, policy, reference
+    result = {
+        "reference": "precomputed" if precompute else "live (bf16)",
+        "seconds_per_step": timer.seconds / timer.steps,
+        "pairs_per_s": timer.steps * pairs_per_step / timer.seconds,
+        "real_tokens_per_s": timer.tokens / timer.seconds,
+        "peak_memory_gib": device.peak_gib(),
+    }
+    if precompute:
+        result["reference_pass_pairs_per_s"] = len(pairs) / TimedTrainer.reference_seconds
+    return result
+
+
+def measure_eval(config, device: Device, args) -> dict | None:
+    if importlib.util.find_spec("lm_eval") is None:
+        return None
+    import torch
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+
+    from posttrain.fixtures import build_tokenizer
+
+    device.reset()
+    gen = torch.Generator().manual_seed(0)
+    n = args.eval_requests if device.cuda else 16
+    # ARC-shaped: a question of ~60 tokens (log-normal), answers of ~8
+    context = (math.log(60) + 0.5 * torch.randn(n, generator=gen)).exp().round().clamp(5, 500).long().tolist()
+    answer = (math.log(8) + 0.6 * torch.randn(n, generator=gen)).exp().round().clamp(1, 64).long().tolist()
+    requests = [
+        Instance("loglikelihood", doc={}, arguments=("Question:" + " the" * c + "\nAnswer:", " the" * a), idx=i)
+        for i, (c, a) in enumerate(zip(context, answer))
+    ]
+    lm = HFLM(
+        pretrained=device.model(config, "bfloat16"),
+        tokenizer=build_tokenizer(),
+        batch_size=32,
+        device="cuda" if device.cuda else "cpu",
+    )
+    lm.loglikelihood(requests[:64], disable_tqdm=True)  # warm-up
+    device.sync()
+    t0 = time.perf_counter()
+    lm.loglikelihood(requests, disable_tqdm=True)
+    device.sync()
+    seconds = time.perf_counter() - t0
+    del lm
+    return {"requests": n, "batch_size": 32, "requests_per_s": n / seconds, "peak_memory_gib": device.peak_gib()}
+
+
+def implied_wall_times(sft_tokens_per_s: float, dpo: dict, eval_rps: float | None) -> dict:
+    """The production recipes on 8 GPUs at the measured rates (one GPU's rate x 8)."""
+    from recipe_figures import DPO_TRAIN_PAIRS, computed_figures
+
+    sft, dpo_figures = computed_figures("sft"), computed_figures("dpo")
+    live, pre = dpo["live"], dpo["precomputed"]
+    return {
+        "gpus": GPUS,
+        "sync_s_per_update_modelled": SYNC_S,
+        "sft_3_epochs_s": sft_wall_time_s(sft["updates in all"], sft["real tokens per update"], sft_tokens_per_s),
+        "dpo_1_epoch_live_reference_s": dpo_wall_time_s(
+            DPO_TRAIN_PAIRS, dpo_figures["updates in all"], live["pairs_per_s"]
+        ),
+        "dpo_1_epoch_precomputed_reference_s": dpo_wall_time_s(
+            DPO_TRAIN_PAIRS, dpo_figures["updates in all"], pre["pairs_per_s"], pre["reference_pass_pairs_per_s"]
+        ),
+        "eval_arc_obqa_one_gpu_s": EVAL_REQUESTS / eval_rps if eval_rps else None,
+    }
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    sys.path.insert(0, str(BENCHMARKS))
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import datasets
+    import torch
+    import transformers
+
+    if not args.smoke and not torch.cuda.is_available():
+        print("error: this benchmark needs a CUDA GPU (--smoke checks the script on CPU)", file=sys.stderr)
+        raise SystemExit(2)
+    datasets.utils.logging.disable_progress_bar()
+    device = Device(args.smoke)
+    config = model_config() if device.cuda else model_config(**TINY)
+    peak = args.peak_tflops or peak_tflops(device.name)
+    start = time.perf_counter()
+
+    attns = ["sdpa"] + (["flash_attention_2"] if device.cuda and importlib.util.find_spec("flash_attn") else [])
+    sft = {attn: measure_sft(config, device, attn, args) for attn in attns}
+    for run in sft.values():
+        run["mfu"] = mfu(run["real_tokens_per_s"], train_flops_per_token(config), peak * 1e12) if peak else None
+    dpo = {name: measure_dpo(config, device, name == "precomputed", args) for name in ("live", "precomputed")}
+    evaluation = measure_eval(config, device, args)
+    best_sft = max(run["real_tokens_per_s"] for run in sft.values())
+    result = {
+        "date": time.strftime("%Y-%m-%d"),
+        "gpu": device.name,
+        "parameters": param_count(config),
+        "train_flops_per_token": train_flops_per_token(config),
+        "peak_bf16_tflops": peak,
+        "sft": sft,
+        "dpo": dpo,
+        "eval_loglikelihood": evaluation or "not measured: lm-eval is not installed",
+        "implied_wall_time_8_gpus": implied_wall_times(
+            best_sft, dpo, evaluation["requests_per_s"] if evaluation else None
+        ),
+        "benchmark_seconds": time.perf_counter() - start,
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
+    }
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+    print(f"wrote {args.output}")
+
+
+TINY = dict(
+    vocab_size=400,
+    hidden_size=64,
+    intermediate_size=170,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+)
+
+if __name__ == "__main__":
+    main()
