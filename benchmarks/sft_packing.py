@@ -6,7 +6,7 @@
 1. Padding efficiency (real tokens / processed tokens) of 52,002 synthetic Alpaca-shaped
    conversation lengths (posttrain.fixtures.alpaca_lengths: mean ~110, tail to 1,120), batched
    the three ways that matter:
-   - every conversation padded to 2048 (the old system);
+   - every conversation padded to 2048 (fixed-width batches, no packing);
    - TRL without packing: shuffled batches of 4, each padded to its longest conversation
      (what DataCollatorForLanguageModeling does);
    - TRL's bfd packing into rows of 2048, run padding-free, computed by `trl.pack_dataset`
@@ -40,8 +40,8 @@ import torch  # noqa: E402
 from posttrain.fixtures import alpaca_lengths, build_tokenizer, random_token_rows  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "sft_packing.json"
-SEQ = 2048  # max_length of the production recipe (and the old system's block size)
-BATCH = 4  # conversations per GPU per micro-batch, as the old system
+SEQ = 2048  # max_length of the production recipe
+BATCH = 4  # conversations per GPU per micro-batch in fixed-width batching
 TARGET = 0.97
 
 
@@ -60,7 +60,7 @@ def padding_efficiency(lengths: list[int]) -> dict:
     rows = [sum(s) for s in packed["seq_lengths"]]
     assert sum(rows) == real  # bfd never truncates here: every conversation fits in a row
     return {
-        "pad_to_2048_old_system": real / (len(lengths) * SEQ),
+        "pad_every_row_to_2048": real / (len(lengths) * SEQ),
         f"padded_per_batch_of_{BATCH}": real / per_batch,
         "bfd_packed_padding_free": real / sum(rows),  # no pad tokens are processed
         "bfd_packed_row_fill": real / (len(rows) * SEQ),
@@ -146,7 +146,7 @@ def modelled_compute(lengths: list[int], packed_rows: int) -> dict:
         return (6 * n_matmul * processed + attention * E * layers) / real
 
     flops = {
-        "pad_to_2048_old_system": per_token(len(lengths) * SEQ, 12 * len(lengths) * SEQ**2),
+        "pad_every_row_to_2048": per_token(len(lengths) * SEQ, 12 * len(lengths) * SEQ**2),
         f"padded_per_batch_of_{BATCH}": per_token(
             sum(len(b) * max(b) for b in batches), sum(12 * len(b) * max(b) ** 2 for b in batches)
         ),
@@ -201,7 +201,7 @@ def main() -> None:
         f"mean {L['mean']:.1f}, median {L['median']}, max {L['max']}"
     )
     print("padding efficiency (real tokens / processed tokens):")
-    print(f"  padded to {SEQ} (old system)               {eff['pad_to_2048_old_system']:.3f}")
+    print(f"  padded to {SEQ} (fixed width)              {eff['pad_every_row_to_2048']:.3f}")
     print(f"  padded per batch of {BATCH} (TRL, no packing)  {eff[f'padded_per_batch_of_{BATCH}']:.3f}")
     print(f"  bfd packed, padding-free (TRL)            {eff['bfd_packed_padding_free']:.3f}")
     print(
