@@ -156,8 +156,18 @@ def evaluate_model(name, path, configs, chat: bool, prompts, args) -> tuple[dict
     return (scores if scores["plain"] is not None else None), replies
 
 
+def check_numbers(args: EvalArguments) -> None:
+    for key in ("max_new_tokens", "num_prompts", "limit"):
+        value = getattr(args, key)
+        if value is not None and value < 1:
+            raise PosttrainError(f"{key} must be >= 1 (got {value})")
+    if not (str(args.batch_size).isdigit() and int(args.batch_size) > 0 or str(args.batch_size).startswith("auto")):
+        raise PosttrainError(f"batch_size must be a positive number or 'auto' (got {args.batch_size!r})")
+
+
 def main(args: EvalArguments) -> None:
     # Everything that can be wrong with the inputs fails here, in one line, before a model loads.
+    check_numbers(args)
     dirs = model_dirs(args.models)
     system_prompt = args.system_prompt or None
     prompts = health.load_prompts(args.prompts, system_prompt, args.num_prompts) if args.prompts else []

@@ -295,6 +295,8 @@ def test_prompts_end_before_the_final_assistant_turn():
     no_system = health.prompt_of({"messages": row["messages"][1:3]}, system_prompt="S")
     assert no_system["messages"][0] == {"role": "system", "content": "S"}
     assert health.prompt_of({"messages": [{"role": "user", "content": "hi"}]}) is None
+    pair = health.prompt_of(fixtures.preference_rows()[1])
+    assert pair["messages"] == fixtures.preference_rows()[1]["prompt"] and pair["reference"] == "The sky is blue."
 
 
 def test_callback_metrics_in_trainer_state(sft_run, sft_data_dir):
@@ -331,6 +333,7 @@ def without_chat_template(model_dir, dest: Path) -> Path:
         ("no_chat_template", "chat_scoring true, but plain "),
         ("no_prompts", "no row has messages that end before an assistant turn"),
         ("stray_task_file", "task_files: openbookqa not in tasks"),
+        ("bad_number", "max_new_tokens must be >= 1 (got 0)"),
     ],
 )
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path, tiny_model_dir, arc_file, case, message):
@@ -358,6 +361,8 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, tiny_model_dir, arc_
         args["--prompts"] = [fixtures.write_jsonl(tmp_path / "p.jsonl", users)]
     elif case == "stray_task_file":
         args["--task_files"].append(f"openbookqa={arc_file}")
+    elif case == "bad_number":
+        args["--max_new_tokens"] = [0]
     with pytest.raises(PosttrainError) as err:
         run_evaluate(*[x for key, values in args.items() if values for x in (key, *values)])
     assert message in str(err.value) and "\n" not in str(err.value)
