@@ -126,22 +126,33 @@ def model_dirs(models) -> dict[str, Path]:
     return dirs
 
 
-def chat_scoring(dirs: dict[str, Path], setting: str) -> dict[str, bool]:
-    """{name: whether to score it with its chat template too}."""
+def chat_scoring(dirs: dict[str, Path], setting: str, generating: bool) -> dict[str, bool]:
+    """{name: whether to score it with its chat template too}; a model without a template is refused
+    when chat scoring is required of every model, or when it must answer the prompts."""
     from transformers import AutoTokenizer
 
-    has_template = {name: bool(AutoTokenizer.from_pretrained(path).chat_template) for name, path in dirs.items()}
-    lacking = [name for name, has in has_template.items() if not has]
-    if setting == "true" and lacking:
-        raise PosttrainError(
-            f"chat_scoring true, but {', '.join(f'{n} ({dirs[n]})' for n in lacking)} has no chat template; "
-            "use chat_scoring auto (plain only for it) or convert it with convert-checkpoint"
-        )
+    has_template = {}
+    for name, path in dirs.items():
+        try:
+            has_template[name] = bool(AutoTokenizer.from_pretrained(path).chat_template)
+        except (OSError, ValueError) as err:
+            raise PosttrainError(
+                f"models: {name}: cannot load the tokenizer of {path} ({err})".splitlines()[0]
+            ) from None
+    lacking = ", ".join(f"{n} ({dirs[n]})" for n, has in has_template.items() if not has)
+    for needed, what in ((setting == "true", "chat_scoring true"), (generating, "the generation checks (prompts)")):
+        if needed and lacking:
+            raise PosttrainError(
+                f"{what}: every model needs a chat template, but {lacking} has none; convert it with convert-checkpoint"
+                + (" or use chat_scoring auto (plain scoring only for it)" if setting == "true" else "")
+            )
     return {name: setting != "false" and has for name, has in has_template.items()}
 
 
 def evaluate_model(name, path, configs, chat: bool, prompts, args) -> tuple[dict | None, list | None]:
     """({mode: {task: TaskScore}} (None off the main process), reply records) of one model."""
+    import torch
+
     lm = evaluation.load_lm(path, args.batch_size, args.dtype)
     print(f"\n== {name} ({path}): scoring {', '.join(args.tasks)}", flush=True)
     scores = {"plain": evaluation.score(lm, configs, chat=False, limit=args.limit)}
@@ -153,6 +164,7 @@ def evaluate_model(name, path, configs, chat: bool, prompts, args) -> tuple[dict
         replies = health.generate_replies(model, tokenizer, prompts, args.max_new_tokens, desc=f"{name}: replies")
     del lm
     gc.collect()
+    torch.cuda.empty_cache()
     return (scores if scores["plain"] is not None else None), replies
 
 
@@ -173,7 +185,7 @@ def main(args: EvalArguments) -> None:
     prompts = health.load_prompts(args.prompts, system_prompt, args.num_prompts) if args.prompts else []
     task_files = _mapping(args.task_files, "task_files")
     configs = evaluation.task_configs(args.tasks, task_files)
-    chat = chat_scoring(dirs, args.chat_scoring)
+    chat = chat_scoring(dirs, args.chat_scoring, generating=bool(prompts))
     inputs = [*dirs.values(), *task_files.values(), *([args.prompts] if args.prompts else [])]
     check_output_dir(args.output_dir, args.overwrite_output_dir, inputs)
 

@@ -330,7 +330,7 @@ def without_chat_template(model_dir, dest: Path) -> Path:
         ("missing_model", "models: gone: "),
         ("missing_task_file", "task_files: arc_easy: "),
         ("task_file_fields", "line 2 has no field answerKey, which the task reads"),
-        ("no_chat_template", "chat_scoring true, but plain "),
+        ("no_chat_template", "chat_scoring true: every model needs a chat template, but plain "),
         ("no_prompts", "no row has messages that end before an assistant turn"),
         ("stray_task_file", "task_files: openbookqa not in tasks"),
         ("bad_number", "max_new_tokens must be >= 1 (got 0)"),
