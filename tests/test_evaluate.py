@@ -426,3 +426,16 @@ def test_health_callback_under_zero3(tmp_path, tiny_model_dir, sft_data_dir):
     assert (
         [e["step"] for e in logs if "eval_stop_rate" in e] == [e["step"] for e in logs if "eval_loss" in e] == [2, 4]
     )
+
+
+def test_local_task_configs_keep_the_harness_definition(tmp_path, arc_file):
+    """arc_challenge `include`s arc_easy's YAML: its local config still has the prompt, choices and
+    metrics; truthfulqa_mc2's local file must have the fields its templates read."""
+    (config,) = evaluation.task_configs(["arc_challenge"], {"arc_challenge": str(arc_file)})
+    assert config["task"] == "arc_challenge" and config["doc_to_text"] == "Question: {{question}}\nAnswer:"
+    assert [m["metric"] for m in config["metric_list"]] == ["acc", "acc_norm"]
+    assert (config["dataset_path"], config["test_split"]) == ("json", "test")
+    assert config["dataset_kwargs"] == {"data_files": {"test": str(arc_file.resolve())}}
+    assert evaluation.task_configs(["openbookqa"]) == ["openbookqa"]  # from the hub
+    with pytest.raises(PosttrainError, match="line 1 has no field mc2_targets, .* needs mc2_targets, question"):
+        evaluation.task_configs(["truthfulqa_mc2"], {"truthfulqa_mc2": str(arc_file)})
