@@ -100,8 +100,10 @@ def generate_ids(
     temperature: float = 0.7,
     top_p: float = 0.9,
     streamer=None,
+    **generate_kwargs,
 ) -> tuple[list[int], bool]:
-    """(the token ids of the assistant's next message, its stop token included; whether it ended with one)."""
+    """(the token ids of the assistant's next message, its stop token included; whether it ended with one);
+    `generate_kwargs` go to model.generate."""
     import torch
 
     inputs = tokenizer.apply_chat_template(
@@ -129,6 +131,7 @@ def generate_ids(
             pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop[0],
             streamer=streamer,
             **sampling,
+            **generate_kwargs,
         )
     new_tokens = output[0, inputs["input_ids"].shape[1] :].tolist()
     return new_tokens, len(new_tokens) > 0 and new_tokens[-1] in stop

@@ -105,7 +105,9 @@ def reply_record(ids: list[int], tokenizer, max_new_tokens: int) -> dict:
 
 def generate_replies(model, tokenizer, prompts: list[dict], max_new_tokens: int, desc: str = "generating") -> list:
     """reply_record of the greedy reply to each prompt, in order; the prompts are split between the
-    processes and every process gets all replies."""
+    processes and every process gets all replies. Each process holds the whole model (under ZeRO-3,
+    gathered by the caller), so none waits for the others inside generate: `synced_gpus=False`, which
+    transformers would otherwise turn on under ZeRO-3, where it hangs on unequal shares of prompts."""
     from accelerate import PartialState
     from accelerate.utils import gather_object
     from tqdm.auto import tqdm
@@ -118,7 +120,9 @@ def generate_replies(model, tokenizer, prompts: list[dict], max_new_tokens: int,
     with state.split_between_processes(list(prompts)) as mine:
         records = [
             reply_record(
-                generate_ids(model, tokenizer, p["messages"], max_new_tokens=max_new_tokens, do_sample=False)[0],
+                generate_ids(
+                    model, tokenizer, p["messages"], max_new_tokens=max_new_tokens, do_sample=False, synced_gpus=False
+                )[0],
                 tokenizer,
                 max_new_tokens,
             )

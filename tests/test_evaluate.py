@@ -408,18 +408,21 @@ def test_data_parallel_scores_equal_one_process(evaluated, tmp_path, tiny_model_
 
 
 @pytest.mark.slow
-def test_health_callback_under_zero3(tmp_path, tiny_model_dir, sft_data_dir):
-    """Under ZeRO-3 (2 CPU processes) every rank generates its share with gathered parameters."""
+def test_health_callback_under_zero3(tmp_path, tiny_model_dir):
+    """Under ZeRO-3 (2 CPU processes) every rank generates its share with gathered parameters,
+    unequal shares (3 prompts) included."""
     from test_distributed import accelerate_launch
 
-    out = tmp_path / "out"
+    out, data_dir = tmp_path / "out", tmp_path / "data"
+    fixtures.write_jsonl(data_dir / "train.jsonl", fixtures.sft_rows())
+    fixtures.write_jsonl(data_dir / "test.jsonl", fixtures.sft_rows()[:3])
     accelerate_launch(
         "zero3.yaml",
         "posttrain/sft.py",
         "recipes/demo/sft.yaml",
-        *("--model_name_or_path", tiny_model_dir, "--dataset_name", sft_data_dir, "--output_dir", out),
+        *("--model_name_or_path", tiny_model_dir, "--dataset_name", data_dir, "--output_dir", out),
         *("--max_steps", 4, "--eval_strategy", "steps", "--eval_steps", 2, "--save_strategy", "no"),
-        *("--report_to", "none", "--health_prompts", HEALTH_PROMPTS),
+        *("--report_to", "none", "--health_prompts", 3),
         cwd=tmp_path,
     )
     logs = json.loads((out / "trainer_state.json").read_text())["log_history"]
