@@ -369,6 +369,20 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, tiny_model_dir, arc_
     assert not (tmp_path / "out").exists()
 
 
+def test_run_as_a_file_it_hides_no_package():
+    """`python posttrain/evaluate.py` puts posttrain/ first on sys.path; the script takes it off, so
+    `import evaluate` still finds Hugging Face's package (which some harness tasks import)."""
+    script = REPO / "posttrain" / "evaluate.py"
+    probe = (
+        f"import importlib.util, runpy, sys; sys.path.insert(0, {str(script.parent)!r}); "
+        f"runpy.run_path({str(script)!r}, run_name='as_a_file'); print(importlib.util.find_spec('evaluate').origin)"
+    )
+    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    origin = Path(proc.stdout.strip().splitlines()[-1])
+    assert origin.name == "__init__.py" and origin.parent.name == "evaluate" and "site-packages" in origin.parts
+
+
 def test_cli_exit_code_and_unknown_key(tmp_path):
     recipe = tmp_path / "eval.yaml"
     recipe.write_text("models: [runs/nothing]\nnot_a_key: 1\n")
