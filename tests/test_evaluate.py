@@ -17,13 +17,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import write_demo_recipe
+from helpers import REPO, log_history, one_error_line, run_stage, write_recipe
 
 from posttrain import eval_report, evaluate, evaluation, fixtures, health
 from posttrain.chat_template import ENDOFTEXT, IM_END
 from posttrain.errors import PosttrainError
 
-REPO = Path(__file__).resolve().parents[1]
 MAX_NEW_TOKENS = 24
 HEALTH_PROMPTS = 2
 
@@ -43,10 +42,8 @@ def arc_file(tmp_path_factory):
 def sft_run(tmp_path_factory, tiny_model_dir, sft_data_dir):
     """The demo SFT recipe shortened to 64 steps (the tiny model memorises the conversations and learns
     to stop), with the generation-health callback on the eval split's first two prompts."""
-    from posttrain import sft, training
-
     tmp = tmp_path_factory.mktemp("sft_run")
-    recipe = write_demo_recipe(
+    recipe = write_recipe(
         "sft",
         tmp / "recipe.yaml",
         tiny_model_dir,
@@ -57,9 +54,7 @@ def sft_run(tmp_path_factory, tiny_model_dir, sft_data_dir):
         save_strategy="no",
         health_prompts=HEALTH_PROMPTS,
     )
-    import trl
-
-    sft.main(*training.parse(trl.SFTConfig, [str(recipe)]))
+    run_stage("sft", recipe)
     return tmp / "out"
 
 
@@ -300,9 +295,9 @@ def test_prompts_end_before_the_final_assistant_turn():
 
 
 def test_callback_metrics_in_trainer_state(sft_run, sft_data_dir):
-    state = json.loads((sft_run / "trainer_state.json").read_text())
-    eval_steps = [e["step"] for e in state["log_history"] if "eval_loss" in e]
-    health_entries = [e for e in state["log_history"] if "eval_stop_rate" in e]
+    logs = log_history(sft_run)
+    eval_steps = [e["step"] for e in logs if "eval_loss" in e]
+    health_entries = [e for e in logs if "eval_stop_rate" in e]
     assert eval_steps and [e["step"] for e in health_entries] == eval_steps
     for key in ("eval_truncated_rate", "eval_mean_length", "eval_repeat_4gram_rate"):
         assert all(key in e for e in health_entries)
@@ -390,9 +385,10 @@ def test_cli_exit_code_and_unknown_key(tmp_path):
         [sys.executable, str(REPO / "posttrain" / "evaluate.py"), str(recipe)], capture_output=True, text=True
     )
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines() == [
-        f"error: recipe {recipe}: unknown key(s) not_a_key (not a field of EvalArguments)"
-    ]
+    assert (
+        one_error_line(proc.stderr)
+        == f"error: recipe {recipe}: unknown key(s) not_a_key (not a field of EvalArguments)"
+    )
 
 
 # ------------------------------------------------------------------ several processes (slow)
@@ -439,7 +435,7 @@ def test_health_callback_under_zero3(tmp_path, tiny_model_dir):
         *("--report_to", "none", "--health_prompts", 3),
         cwd=tmp_path,
     )
-    logs = json.loads((out / "trainer_state.json").read_text())["log_history"]
+    logs = log_history(out)
     assert (
         [e["step"] for e in logs if "eval_stop_rate" in e] == [e["step"] for e in logs if "eval_loss" in e] == [2, 4]
     )
