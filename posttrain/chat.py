@@ -91,7 +91,7 @@ def _stop_token_ids(tokenizer) -> list[int]:
     return sorted(i for i in ids if i is not None)
 
 
-def generate_turn(
+def generate_ids(
     model,
     tokenizer,
     messages: list[dict],
@@ -100,8 +100,10 @@ def generate_turn(
     temperature: float = 0.7,
     top_p: float = 0.9,
     streamer=None,
-) -> tuple[str, bool]:
-    """(the assistant's next message without special tokens, whether it ended with a stop token)."""
+    **generate_kwargs,
+) -> tuple[list[int], bool]:
+    """(the token ids of the assistant's next message, its stop token included; whether it ended with one);
+    `generate_kwargs` go to model.generate."""
     import torch
 
     inputs = tokenizer.apply_chat_template(
@@ -129,9 +131,16 @@ def generate_turn(
             pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop[0],
             streamer=streamer,
             **sampling,
+            **generate_kwargs,
         )
-    new_tokens = output[0, inputs["input_ids"].shape[1] :]
-    stopped = len(new_tokens) > 0 and int(new_tokens[-1]) in stop
+    new_tokens = output[0, inputs["input_ids"].shape[1] :].tolist()
+    return new_tokens, len(new_tokens) > 0 and new_tokens[-1] in stop
+
+
+def generate_turn(model, tokenizer, messages: list[dict], **kwargs) -> tuple[str, bool]:
+    """(the assistant's next message without special tokens, whether it ended with a stop token);
+    kwargs as generate_ids."""
+    new_tokens, stopped = generate_ids(model, tokenizer, messages, **kwargs)
     return tokenizer.decode(new_tokens, skip_special_tokens=True).strip(), stopped
 
 

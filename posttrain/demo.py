@@ -127,7 +127,7 @@ def read_log_history(run_dir: Path) -> list[dict]:
 
 
 class Demo:
-    def __init__(self, work: Path, total_stages: int = 7):
+    def __init__(self, work: Path, total_stages: int = 8):
         self.work, self.total, self.n, self.t0 = work, total_stages, 0, time.monotonic()
 
     def stage(self, title: str) -> None:
@@ -196,6 +196,33 @@ def compare_replies(
         stopped[name] = sum(stop for _, stop in turns)
         correct[name] = sum(text == a for (text, _), (_, a) in zip(turns, pairs))
     return prompts, replies, stopped, correct
+
+
+def run_evaluation(demo: Demo, converted: Path) -> Path:
+    """posttrain/evaluate.py on the three models: the harness's ARC-Easy task on a small local task in
+    ARC's schema (the demo questions), and generation health on the held-out prompts."""
+    w = demo.work
+    demo.stage("Evaluate base, SFT and DPO (recipes/demo/evaluate.yaml): multiple choice, paired tests, stop rate")
+    items = [(q, a, r) for (q, a), r in zip(fixtures.QA_PAIRS, fixtures.REJECTED_ANSWERS)] + HELDOUT_QA
+    task = fixtures.write_jsonl(w / "eval_data" / "arc_demo.jsonl", fixtures.arc_rows(items))
+    models = [f"{name}={path}" for name, path in zip(MODELS, (converted, w / "sft", w / "dpo"))]
+    demo.run(
+        "evaluate",
+        [
+            sys.executable,
+            REPO / "posttrain/evaluate.py",
+            REPO / "recipes/demo/evaluate.yaml",
+            "--models",
+            *models,
+            "--task_files",
+            f"arc_easy={task}",
+            "--prompts",
+            w / "sft_data",
+            "--output_dir",
+            w / "eval",
+        ],
+    )
+    return w / "eval"
 
 
 def run_demo(work: Path) -> None:
@@ -308,8 +335,10 @@ def run_demo(work: Path) -> None:
         f"models in {w}: converted/, sft/, dpo/; talk to one (the demo data's system prompt):\n"
         f"  python -m posttrain.chat {w / 'dpo'} --system {shlex.quote(fixtures.SYSTEM_PROMPT)}"
     )
+    evaluation = run_evaluation(demo, converted)
     print(f"done in {time.monotonic() - demo.t0:.0f} s")
     print(f"plot: {plot}")
+    print(f"evaluation report: {evaluation / 'report.md'}\nevaluation chart: {evaluation / 'scores.png'}")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -21,6 +21,7 @@ from trl.trainer.utils import global_then_local_main_first
 from posttrain.chat_template import load_training_tokenizer
 from posttrain.data import load_datasets, validate_preference_rows
 from posttrain.dpo_batching import LengthGroupedPairs
+from posttrain.health import add_health_callback, held_out_prompts
 from posttrain.lengths import drop_unfit_rows
 from posttrain.recipe import Recipe
 from posttrain.run_dir import (
@@ -124,10 +125,12 @@ def main(recipe: Recipe) -> None:
     resume = resume_checkpoint(script_args, training_args)
     tokenizer = load_training_tokenizer(model_args, training_args, require_generation_markers=False)
     train_dataset, eval_dataset = load_datasets(script_args, dataset_args, training_args, validate_preference_rows)
+    health_prompts = held_out_prompts(eval_dataset, script_args.health_prompts)
     check_model(model_args, training_args)
     claim_output_dir(training_args, resume)
 
     trainer = build_trainer(PreferenceTrainer, recipe, tokenizer, train_dataset, eval_dataset)
+    add_health_callback(trainer, health_prompts)
     with reporting_stops(trainer):  # Ctrl-C or a full disk: one line saying what was kept
         train_result = trainer.train(resume_from_checkpoint=resume)
         save_run(trainer, recipe, train_result)

@@ -73,6 +73,20 @@ def preference_rows(system_prompt: str | None = SYSTEM_PROMPT) -> list[dict]:
     return [qa_preference(q, a, r, system_prompt) for (q, a), r in zip(QA_PAIRS, REJECTED_ANSWERS)]
 
 
+def arc_rows(items: list[tuple[str, str, str]]) -> list[dict]:
+    """Multiple-choice rows in the ARC dataset's schema (id, question, choices {text, label},
+    answerKey) from (question, right answer, wrong answer) triples, with two fixed distractors; the
+    right answer moves between the four positions, and every sixth row has ARC's numeric labels."""
+    rows = []
+    for i, (question, right, wrong) in enumerate(items):
+        texts = [wrong, "I am not sure.", "Yes"]
+        texts.insert(i % 4, right)
+        labels = ["1", "2", "3", "4"] if i % 6 == 5 else ["A", "B", "C", "D"]
+        choices = {"text": texts, "label": labels}
+        rows.append({"id": f"demo-{i}", "question": question, "choices": choices, "answerKey": labels[i % 4]})
+    return rows
+
+
 def alpaca_lengths(n: int = 52002, seed: int = 0) -> list[int]:
     """Token counts shaped like Alpaca in ChatML, for the packing benchmarks: mean ~110, median
     ~90, a long tail clipped at 1,120 (52,002 of them: ~5.7M tokens, as Alpaca has).

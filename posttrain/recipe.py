@@ -42,6 +42,13 @@ class ScriptArguments(trl.ScriptArguments):
         default=False,
         metadata={"help": "Start over in an output_dir that holds checkpoints of an earlier run (they are deleted)."},
     )
+    health_prompts: int = field(
+        default=0,
+        metadata={
+            "help": "At each evaluation, greedy replies to this many held-out prompts of the eval split: logs "
+            "eval_stop_rate, eval_truncated_rate, eval_mean_length, eval_repeat_4gram_rate (posttrain/health.py)."
+        },
+    )
 
 
 @dataclass

@@ -17,6 +17,7 @@ import trl
 
 from posttrain.chat_template import load_training_tokenizer
 from posttrain.data import load_datasets, validate_sft_rows
+from posttrain.health import add_health_callback, held_out_prompts
 from posttrain.lengths import drop_overlong_conversations
 from posttrain.recipe import Recipe
 from posttrain.run_dir import (
@@ -48,10 +49,12 @@ def main(recipe: Recipe) -> None:
     train_dataset, eval_dataset = load_datasets(script_args, dataset_args, training_args, validate_sft_rows)
     train_dataset = drop_overlong_conversations(train_dataset, tokenizer, training_args, "train")
     eval_dataset = drop_overlong_conversations(eval_dataset, tokenizer, training_args, "eval")
+    health_prompts = held_out_prompts(eval_dataset, script_args.health_prompts)
     check_model(model_args, training_args)
     claim_output_dir(training_args, resume)
 
     trainer = build_trainer(trl.SFTTrainer, recipe, tokenizer, train_dataset, eval_dataset)
+    add_health_callback(trainer, health_prompts)
     with reporting_stops(trainer):  # Ctrl-C or a full disk: one line saying what was kept
         train_result = trainer.train(resume_from_checkpoint=resume)
         save_run(trainer, recipe, train_result)

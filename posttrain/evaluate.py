@@ -1,0 +1,215 @@
+"""Evaluation: did SFT and DPO make the model better, and does it stop?
+
+    python posttrain/evaluate.py recipes/evaluate.yaml [--key value ...]
+    accelerate launch [--num_processes 8] posttrain/evaluate.py recipes/evaluate.yaml   # data-parallel
+
+The recipe is a YAML file of `EvalArguments` fields below; command-line flags override it and an
+unknown key is an error that names it. For each model, in the order given:
+- every benchmark task through lm-evaluation-harness (multiple choice, log-probability), scored
+  `plain` (the task's own prompt) and `chat` (the prompt as a user turn of the model's chat template,
+  with `system_prompt`): acc, acc_norm, their standard errors and n;
+- generation health on `prompts` (greedy, the model's chat template): stop_rate, truncated_rate,
+  mean_length, repeat_4gram_rate (posttrain/health.py);
+then paired comparisons (each model against the next, and the first against the last) on the same
+items: difference, 95% interval, p-value (posttrain/evaluation.py). output_dir receives summary.json,
+report.md, scores.png, replies.jsonl and recipe.resolved.yaml, all at once (nothing half-written);
+under several processes only the main one writes.
+
+It replaces copying an `lm_eval` command per model: the base model used to be scored without the
+chat template and the trained ones with it, so format and knowledge were mixed up, and nothing said
+whether a difference was larger than the noise.
+"""
+
+from __future__ import annotations
+
+import gc
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
+    # `python posttrain/evaluate.py` puts posttrain/ first on the path, where `import evaluate`
+    # (Hugging Face's package, which some harness tasks use) would find this file instead.
+    sys.path.pop(0)
+
+from posttrain import eval_report, evaluation, health
+from posttrain.atomic import atomic_output_dir, check_output_dir
+from posttrain.errors import PosttrainError, run_cli
+from posttrain.prep_adapters import DEFAULT_SYSTEM_PROMPT
+from posttrain.recipe import parse_recipe, save_resolved_recipe
+
+
+@dataclass
+class EvalArguments:
+    """The keys of an evaluation recipe. `models` and `task_files` are YAML mappings in a recipe, or
+    `name=path` words on the command line."""
+
+    models: list[str] = field(
+        default_factory=lambda: ["runs/converted", "runs/sft", "runs/dpo"],
+        metadata={
+            "help": "Model directories, in comparison order: a list (each named by its directory's basename), "
+            "a mapping name: directory, or on the command line `dir ...` / `name=dir ...`."
+        },
+    )
+    tasks: list[str] = field(
+        default_factory=lambda: list(evaluation.DEFAULT_TASKS),
+        metadata={"help": "lm-evaluation-harness multiple-choice task names."},
+    )
+    task_files: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "Local test splits instead of the hub: a mapping task: file (.jsonl/.json/.parquet in the hub "
+            "dataset's own schema), or `task=file ...` on the command line."
+        },
+    )
+    prompts: str | None = field(
+        default=None,
+        metadata={
+            "help": "Prompts for the generation checks: a .jsonl of `messages` rows or a data_scripts directory "
+            "(its test.jsonl); each prompt is a row's messages before its final assistant turn."
+        },
+    )
+    num_prompts: int | None = field(default=200, metadata={"help": "Use the first N prompts (none: all)."})
+    max_new_tokens: int = field(default=health.HEALTH_MAX_NEW_TOKENS, metadata={"help": "Reply length limit."})
+    system_prompt: str = field(
+        default=DEFAULT_SYSTEM_PROMPT,
+        metadata={
+            "help": "System prompt of chat scoring, and of the prompts that have none ('' for none); default: the "
+            "one data_scripts puts in every training conversation."
+        },
+    )
+    chat_scoring: str = field(
+        default="auto",
+        metadata={
+            "help": "auto: chat scoring for every model whose tokenizer has a chat template; true: for every model "
+            "(one without a template is an error); false: plain scoring only.",
+            "choices": ["auto", "true", "false"],
+        },
+    )
+    batch_size: str = field(default="8", metadata={"help": "Scoring batch size per process, or 'auto'."})
+    dtype: str = field(default="auto", metadata={"help": "auto (as saved), bfloat16, float32, ..."})
+    limit: int | None = field(default=None, metadata={"help": "Score only the first N items of each task (a check)."})
+    output_dir: str = field(default="runs/eval", metadata={"help": "Where the results go (replaced as a whole)."})
+    overwrite_output_dir: bool = field(default=False, metadata={"help": "Replace a non-empty output_dir."})
+
+
+def parse(argv=None) -> EvalArguments:
+    (args,), _ = parse_recipe([EvalArguments], argv)
+    return args
+
+
+def _mapping(value, key: str, name_of=None) -> dict[str, str]:
+    """A YAML mapping as is; a list of `name=value` words (or bare values, named by `name_of`) as a mapping."""
+    if isinstance(value, dict):
+        return {str(k): str(v) for k, v in value.items()}
+    out: dict[str, str] = {}
+    for word in value or []:
+        name, sep, path = str(word).partition("=")
+        if not sep:
+            if name_of is None:
+                raise PosttrainError(f"{key}: {word!r} is not name=path")
+            name, path = name_of(word), word
+        if name in out:
+            raise PosttrainError(f"{key}: {name} is named twice; give the entries distinct names (name=path)")
+        out[name] = path
+    return out
+
+
+def model_dirs(models) -> dict[str, Path]:
+    """{name: directory}, every one a model directory (one-line error otherwise)."""
+    dirs = {name: Path(path) for name, path in _mapping(models, "models", lambda p: Path(p).name).items()}
+    if not dirs:
+        raise PosttrainError("models: name at least one model directory")
+    for name, path in dirs.items():
+        if not (path / "config.json").is_file():
+            raise PosttrainError(f"models: {name}: {path} is not a model directory (no config.json)")
+    return dirs
+
+
+def chat_scoring(dirs: dict[str, Path], setting: str, generating: bool) -> dict[str, bool]:
+    """{name: whether to score it with its chat template too}; a model without a template is refused
+    when chat scoring is required of every model, or when it must answer the prompts."""
+    from transformers import AutoTokenizer
+
+    has_template = {}
+    for name, path in dirs.items():
+        try:
+            has_template[name] = bool(AutoTokenizer.from_pretrained(path).chat_template)
+        except (OSError, ValueError) as err:
+            raise PosttrainError(
+                f"models: {name}: cannot load the tokenizer of {path} ({err})".splitlines()[0]
+            ) from None
+    lacking = ", ".join(f"{n} ({dirs[n]})" for n, has in has_template.items() if not has)
+    for needed, what in ((setting == "true", "chat_scoring true"), (generating, "the generation checks (prompts)")):
+        if needed and lacking:
+            raise PosttrainError(
+                f"{what}: every model needs a chat template, but {lacking} has none; convert it with convert-checkpoint"
+                + (" or use chat_scoring auto (plain scoring only for it)" if setting == "true" else "")
+            )
+    return {name: setting != "false" and has for name, has in has_template.items()}
+
+
+def evaluate_model(name, path, configs, chat: bool, prompts, args) -> tuple[dict | None, list | None]:
+    """({mode: {task: TaskScore}} (None off the main process), reply records) of one model."""
+    import torch
+
+    lm = evaluation.load_lm(path, args.batch_size, args.dtype)
+    print(f"\n== {name} ({path}): scoring {', '.join(args.tasks)}", flush=True)
+    scores = {"plain": evaluation.score(lm, configs, chat=False, limit=args.limit)}
+    if chat:
+        scores["chat"] = evaluation.score(lm, configs, chat=True, system_prompt=args.system_prompt, limit=args.limit)
+    replies = None
+    if prompts:
+        model, tokenizer = lm.model, lm.tokenizer
+        replies = health.generate_replies(model, tokenizer, prompts, args.max_new_tokens, desc=f"{name}: replies")
+    del lm
+    gc.collect()
+    torch.cuda.empty_cache()
+    return (scores if scores["plain"] is not None else None), replies
+
+
+def check_numbers(args: EvalArguments) -> None:
+    for key in ("max_new_tokens", "num_prompts", "limit"):
+        value = getattr(args, key)
+        if value is not None and value < 1:
+            raise PosttrainError(f"{key} must be >= 1 (got {value})")
+    if not (str(args.batch_size).isdigit() and int(args.batch_size) > 0 or str(args.batch_size).startswith("auto")):
+        raise PosttrainError(f"batch_size must be a positive number or 'auto' (got {args.batch_size!r})")
+
+
+def main(args: EvalArguments) -> None:
+    # Everything that can be wrong with the inputs fails here, in one line, before a model loads.
+    check_numbers(args)
+    dirs = model_dirs(args.models)
+    system_prompt = args.system_prompt or None
+    prompts = health.load_prompts(args.prompts, system_prompt, args.num_prompts) if args.prompts else []
+    task_files = _mapping(args.task_files, "task_files")
+    configs = evaluation.task_configs(args.tasks, task_files)
+    chat = chat_scoring(dirs, args.chat_scoring, generating=bool(prompts))
+    inputs = [*dirs.values(), *task_files.values(), *([args.prompts] if args.prompts else [])]
+    check_output_dir(args.output_dir, args.overwrite_output_dir, inputs)
+
+    scores, replies = {}, {}
+    for name, path in dirs.items():
+        scores[name], replies[name] = evaluate_model(name, path, configs, chat[name], prompts, args)
+    if any(s is None for s in scores.values()):  # the harness returns results on the main process only
+        return
+
+    comparisons = evaluation.compare_models(scores)
+    generation = {name: health.health_figures(r) for name, r in replies.items() if r is not None}
+    summary = eval_report.build_summary(dirs, scores, generation, comparisons)
+    with atomic_output_dir(args.output_dir, args.overwrite_output_dir, inputs) as tmp:
+        eval_report.write_outputs(tmp, summary, prompts, {n: r for n, r in replies.items() if r is not None})
+        save_resolved_recipe(tmp, args)
+    out = Path(args.output_dir)
+    print("\n" + eval_report.scores_table(summary, "acc"))
+    if comparisons:
+        print("\n" + eval_report.comparisons_table(comparisons))
+    if generation:
+        print("\n" + eval_report.generation_table(summary))
+    print(f"\nreport: {out / eval_report.REPORT_NAME}\nchart: {out / eval_report.CHART_NAME}")
+    print(f"summary: {out / eval_report.SUMMARY_NAME}")
+
+
+if __name__ == "__main__":
+    run_cli(lambda: main(parse()))

@@ -1,0 +1,316 @@
+"""Benchmark scores through lm-evaluation-harness, and paired comparisons between models.
+
+    configs = task_configs(["arc_easy"], {"arc_easy": "arc_easy_test.jsonl"})   # checked, one-line errors
+    lm = load_lm("runs/sft", batch_size="8")
+    plain = score(lm, configs, chat=False)        # {task: TaskScore}; None off the main process
+    chat = score(lm, configs, chat=True, system_prompt="You are ...")
+    comparisons = compare_models({"base": {...}, "sft": {...}})
+
+Every score is the harness's own: its task definitions (prompt format, choices, metrics), its
+`acc` / `acc_norm` and their standard errors, its data-parallel scoring under `accelerate
+launch`. What this module adds is what the harness lacks: a task's hub dataset replaced by a local
+file in the same schema (for clusters without hub access, and for tests), checked before any model
+loads, and paired tests between models scored on the same items. Two models' accuracies of 29.5 and
+29.4 on 1,172 items differ by less than one standard error (about 1.3 points) of either; only a
+paired test, which looks at the items where the two models disagree, says whether such a difference
+is more than noise.
+
+Paired statistics, for each task, scoring mode and metric, from the per-item scores: the
+difference of the means (b - a), a 95% paired-bootstrap percentile interval, and a p-value from
+McNemar's exact test when both models' item scores are 0/1 (acc, acc_norm), else from a paired
+sign-flip permutation test (truthfulqa_mc2's per-item probabilities).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import functools
+import math
+from pathlib import Path
+
+from posttrain.errors import PosttrainError
+
+DEFAULT_TASKS = ("arc_easy", "arc_challenge", "openbookqa", "truthfulqa_mc2")
+METRICS = ("acc", "acc_norm")
+BOOTSTRAP_SAMPLES = 10_000
+_LOCAL_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+
+
+# ------------------------------------------------------------------------------------ tasks
+
+
+@functools.lru_cache(maxsize=1)
+def task_manager():
+    """The harness's index of its registered tasks (built once per process: it reads ~10k YAML files)."""
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager()
+
+
+def _template_fields(template) -> set[str]:
+    """The document fields a task's doc_to_text / doc_to_choice / doc_to_target reads: a Jinja
+    template's free variables, or the field a bare name selects (the harness reads `doc[name]`)."""
+    if not isinstance(template, str):  # an int target, a list of choices or a Python function
+        return set()
+    if "{{" in template or "{%" in template:
+        import jinja2
+        import jinja2.meta
+
+        return set(jinja2.meta.find_undeclared_variables(jinja2.Environment().parse(template)))
+    return {template} if template.isidentifier() else set()
+
+
+def required_fields(config: dict) -> set[str]:
+    return set().union(*(_template_fields(config.get(k)) for k in ("doc_to_text", "doc_to_choice", "doc_to_target")))
+
+
+def _check_task_file(task: str, path: Path, fields: set[str]) -> None:
+    """Every row of a local task file has the fields the task reads (one line naming file, row and field)."""
+    from posttrain.data import check_json_file
+
+    if not path.is_file():
+        raise PosttrainError(f"task_files: {task}: {path} not found")
+    if path.suffix not in _LOCAL_BUILDERS:
+        raise PosttrainError(f"task_files: {task}: {path} is not a .jsonl, .json or .parquet file")
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        missing = sorted(fields - set(pq.read_schema(path).names))
+        if missing:
+            raise PosttrainError(
+                f"task_files: {task}: {path} has no column {', '.join(missing)}, which the task reads "
+                f"(it needs {', '.join(sorted(fields))}: the hub dataset's schema)"
+            )
+        return
+    check_json_file(path)
+    for where, row in _json_rows(path):
+        missing = sorted(fields - set(row))
+        if missing:
+            raise PosttrainError(
+                f"task_files: {task}: {path} {where} has no field {', '.join(missing)}, which the task reads "
+                f"(it needs {', '.join(sorted(fields))}: the hub dataset's schema)"
+            )
+
+
+def _json_rows(path: Path):
+    """(`line N` or `row N`, row) of a JSON Lines file or a JSON array (already checked to parse)."""
+    import json
+
+    with open(path, encoding="utf-8") as fh:
+        if fh.read(1 << 12).lstrip().startswith("["):
+            fh.seek(0)
+            yield from ((f"row {i}", row) for i, row in enumerate(json.load(fh), 1))
+            return
+        fh.seek(0)
+        yield from ((f"line {i}", json.loads(line)) for i, line in enumerate(fh, 1) if line.strip())
+
+
+def task_configs(tasks, task_files: dict[str, str] | None = None) -> list:
+    """What `simple_evaluate(tasks=...)` takes: the task's name (its data from the hub), or its
+    registered config with the test split read from the local file `task_files[name]`.
+
+    Refused, in one line: a name the harness does not know, a group or a task that is not
+    multiple choice (no acc / acc_norm), a task_files key not in `tasks`, and a local file that is
+    missing or lacks a field the task's templates read.
+    """
+    from lm_eval.tasks._index import Kind
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    task_files = dict(task_files or {})
+    if not tasks:
+        raise PosttrainError("tasks: name at least one lm-evaluation-harness task")
+    stray = sorted(set(task_files) - set(tasks))
+    if stray:
+        raise PosttrainError(f"task_files: {', '.join(stray)} not in tasks ({', '.join(tasks)})")
+    index = task_manager().task_index
+    configs = []
+    for name in tasks:
+        entry = index.get(name)
+        if entry is None:
+            close = difflib.get_close_matches(name, index, n=3)
+            hint = f"; did you mean {', '.join(close)}?" if close else ""
+            raise PosttrainError(f"tasks: {name} is not an lm-evaluation-harness task{hint}")
+        if entry.kind is not Kind.TASK or entry.yaml_path is None:
+            raise PosttrainError(
+                f"tasks: {name} is a {entry.kind.name.lower()}, not a task; name its tasks one by one"
+            )
+        config = load_yaml(str(entry.yaml_path), resolve_func=True)  # follows `include:` (arc_challenge)
+        if config.get("output_type") != "multiple_choice":
+            raise PosttrainError(
+                f"tasks: {name} is a {config.get('output_type')} task; evaluate.py scores multiple-choice tasks "
+                "(acc, acc_norm by log-probability)"
+            )
+        if name not in task_files:
+            configs.append(name)
+            continue
+        path = Path(task_files[name])
+        _check_task_file(name, path, required_fields(config))
+        config.update(
+            dataset_path=_LOCAL_BUILDERS[path.suffix],
+            dataset_name=None,
+            dataset_kwargs={"data_files": {"test": str(path.resolve())}},
+            training_split=None,
+            validation_split=None,
+            test_split="test",
+        )
+        configs.append(config)
+    return configs
+
+
+# ---------------------------------------------------------------------------------- scoring
+
+
+@dataclasses.dataclass
+class TaskScore:
+    """One model's score on one task in one scoring mode: the harness's aggregates and its per-item scores."""
+
+    n: int
+    acc: float | None = None
+    acc_stderr: float | None = None
+    acc_norm: float | None = None
+    acc_norm_stderr: float | None = None
+    items: dict[str, dict[int, float]] = dataclasses.field(default_factory=dict)  # metric -> {doc_id: score}
+
+    def summary(self) -> dict:
+        return {k: getattr(self, k) for k in ("acc", "acc_stderr", "acc_norm", "acc_norm_stderr", "n")}
+
+
+def load_lm(model_dir, batch_size: str = "8", dtype: str = "auto"):
+    """The harness's Hugging Face model for `model_dir`: one process, or data-parallel under `accelerate launch`."""
+    import torch
+    from lm_eval.models.huggingface import HFLM
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # the harness defaults to cuda, and asserts without it
+    size = int(batch_size) if str(batch_size).isdigit() else batch_size
+    return HFLM(pretrained=str(model_dir), device=device, batch_size=size, dtype=dtype)
+
+
+def _number(value):
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def score(lm, tasks: list, chat: bool, system_prompt: str | None = None, limit: int | None = None):
+    """{task: TaskScore} of `lm` on `tasks` (from task_configs), with the chat template and the system
+    prompt (`chat`) or without either; None on processes other than the main one."""
+    import lm_eval
+
+    results = lm_eval.simple_evaluate(
+        model=lm,
+        tasks=tasks,
+        apply_chat_template=chat,
+        system_instruction=system_prompt if chat and system_prompt else None,
+        limit=limit,
+        log_samples=True,
+        task_manager=task_manager(),
+        bootstrap_iters=1000,  # acc's standard error is closed-form; this only bounds other metrics' cost
+    )
+    if results is None:
+        return None
+    scores = {}
+    for task, metrics in results["results"].items():
+        samples = results["samples"][task]
+        names = [m for m in METRICS if f"{m},none" in metrics]
+        scores[task] = TaskScore(
+            n=int(results["n-samples"][task]["effective"]),
+            **{m: _number(metrics.get(f"{m},none")) for m in names},
+            **{f"{m}_stderr": _number(metrics.get(f"{m}_stderr,none")) for m in names},
+            items={m: {int(s["doc_id"]): float(s[m]) for s in samples} for m in names},
+        )
+    return scores
+
+
+# ------------------------------------------------------------------------------ statistics
+
+
+def mcnemar_exact(a, b) -> float:
+    """Two-sided p-value of McNemar's exact test for paired 0/1 scores: under no difference, the
+    items only one model gets right are as likely to favour either (binomial, p = 1/2)."""
+    only_a = sum(1 for x, y in zip(a, b) if x > y)
+    only_b = sum(1 for x, y in zip(a, b) if y > x)
+    n = only_a + only_b
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, k) for k in range(min(only_a, only_b) + 1))
+    return min(1.0, 2 * tail / 2**n)
+
+
+def _resampled_means(values, samples: int, seed: int, draw):
+    """`samples` means of `draw(rng, chunk, n)`-transformed copies of `values`, in chunks (bounded memory)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    out, done, chunk = [], 0, max(1, 2_000_000 // max(1, len(values)))
+    while done < samples:
+        k = min(chunk, samples - done)
+        out.append(draw(rng, k, values).mean(axis=1))
+        done += k
+    return np.concatenate(out)
+
+
+def paired_bootstrap_ci(a, b, samples: int = BOOTSTRAP_SAMPLES, seed: int = 0) -> tuple[float, float]:
+    """95% percentile interval of mean(b - a), resampling items (both models' scores of an item together)."""
+    import numpy as np
+
+    diff = np.asarray(b, dtype=float) - np.asarray(a, dtype=float)
+    means = _resampled_means(diff, samples, seed, lambda rng, k, d: d[rng.integers(0, len(d), size=(k, len(d)))])
+    lo, hi = np.percentile(means, [2.5, 97.5])
+    return float(lo), float(hi)
+
+
+def sign_flip_p(a, b, samples: int = BOOTSTRAP_SAMPLES, seed: int = 0) -> float:
+    """Two-sided p-value of the paired permutation test: under no difference, each item's b - a is as
+    likely to have either sign. Monte Carlo with `samples` sign flips ((hits + 1) / (samples + 1))."""
+    import numpy as np
+
+    diff = np.asarray(b, dtype=float) - np.asarray(a, dtype=float)
+    observed = abs(diff.mean())
+    if not diff.any():
+        return 1.0
+    means = _resampled_means(diff, samples, seed, lambda rng, k, d: d * rng.choice([-1.0, 1.0], size=(k, len(d))))
+    hits = int((np.abs(means) >= observed - 1e-12).sum())
+    return (hits + 1) / (samples + 1)
+
+
+def paired_comparison(a: dict[int, float], b: dict[int, float], seed: int = 0) -> dict:
+    """{delta, ci95, p_value, test, n} of b against a on the items both were scored on."""
+    ids = sorted(set(a) & set(b))
+    if not ids:
+        raise PosttrainError("no item was scored for both models; they cannot be compared")
+    xs, ys = [a[i] for i in ids], [b[i] for i in ids]
+    binary = all(v in (0.0, 1.0) for v in xs + ys)
+    lo, hi = paired_bootstrap_ci(xs, ys, seed=seed)
+    return {
+        "delta": sum(ys) / len(ys) - sum(xs) / len(xs),
+        "ci95": [lo, hi],
+        "p_value": mcnemar_exact(xs, ys) if binary else sign_flip_p(xs, ys, seed=seed),
+        "test": "mcnemar_exact" if binary else "sign_flip_permutation",
+        "n": len(ids),
+    }
+
+
+def model_pairs(names: list[str]) -> list[tuple[str, str]]:
+    """The pairs worth a test, in the order given: each model against the next (base -> SFT, SFT -> DPO)
+    and, with three or more, the first against the last (what the whole pipeline did)."""
+    pairs = list(zip(names, names[1:]))
+    if len(names) > 2:
+        pairs.append((names[0], names[-1]))
+    return pairs
+
+
+def compare_models(scores: dict[str, dict[str, dict[str, TaskScore]]]) -> list[dict]:
+    """Paired comparisons of `scores` ({model: {mode: {task: TaskScore}}}, models in their order) for
+    every task, scoring mode and metric both models of a pair have."""
+    comparisons = []
+    for a, b in model_pairs(list(scores)):
+        for mode in ("plain", "chat"):
+            if mode not in scores[a] or mode not in scores[b]:
+                continue
+            for task, score_a in scores[a][mode].items():
+                score_b = scores[b][mode].get(task)
+                for metric in METRICS:
+                    if score_b is None or metric not in score_a.items or metric not in score_b.items:
+                        continue
+                    stats = paired_comparison(score_a.items[metric], score_b.items[metric])
+                    comparisons.append({"task": task, "mode": mode, "metric": metric, "a": a, "b": b, **stats})
+    return comparisons
