@@ -16,7 +16,7 @@ parameters), run by the same trainers and settings as the recipes, one after the
   with a live bf16 reference, and with precomputed reference log-probs (training pairs/s and the
   reference pass's pairs/s), peak memory of each.
 - Evaluation: log-likelihood requests/s of lm-evaluation-harness's HFLM (bf16, batch 32, as the
-  README's lm_eval command) on ARC-shaped requests, peak memory; skipped if lm-eval is absent.
+  evaluation's lm-eval scoring) on ARC-shaped requests, peak memory; skipped if lm-eval is absent.
 - What those rates mean for the production recipes on 8 GPUs (benchmarks/recipe_figures.py's
   updates and batch; linear data-parallel scaling plus a modelled per-update synchronisation).
 

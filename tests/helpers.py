@@ -43,6 +43,16 @@ def parse_stage(stage: str, *argv):
     return parse_stage_recipe(config_cls, [str(a) for a in argv])
 
 
+def parse_production_recipe(stage: str):
+    """recipes/<stage>.yaml's argument groups, parsed as on the cluster (use_cpu only because this machine
+    has no GPU for bf16), with deprecation warnings turned into errors."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        return parse_stage(stage, REPO / "recipes" / f"{stage}.yaml", "--use_cpu", "true").arguments
+
+
 def run_stage(stage: str, *argv) -> None:
     """Run the stage's `main` in this process."""
     stage_module(stage).main(parse_stage(stage, *argv))
@@ -159,3 +169,26 @@ def run_paused(patch: str, argv: list, ready: Path, go: Path) -> subprocess.Pope
         f"{run}\n"
     )
     return subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def accelerate_launch(config: str, script: str, recipe: str, *overrides, cwd: Path) -> subprocess.CompletedProcess:
+    """`accelerate launch` with a repo config, overriding only what a CPU needs: 2 processes, no bf16."""
+    cmd = [
+        str(Path(sys.executable).parent / "accelerate"),
+        "launch",
+        "--config_file",
+        str(REPO / "accelerate_configs" / config),
+        "--num_processes",
+        "2",
+        "--mixed_precision",
+        "no",
+        str(REPO / script),
+        str(REPO / recipe),
+        *map(str, overrides),
+    ]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, (
+        f"{' '.join(cmd)}\n--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-6000:]}"
+    )
+    return proc

@@ -15,12 +15,11 @@ import json
 import os
 import shlex
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
-from helpers import REPO
+from helpers import REPO, accelerate_launch
 
 CONFIGS = REPO / "accelerate_configs"
 SLURM_SCRIPT = REPO / "recipes" / "launch.slurm"
@@ -158,29 +157,6 @@ def test_slurm_rejects_bad_usage(tmp_path):
 
 
 # ------------------------------------------------------- real multi-process launches
-
-
-def accelerate_launch(config: str, script: str, recipe: str, *overrides, cwd: Path) -> subprocess.CompletedProcess:
-    """`accelerate launch` with a repo config, overriding only what a CPU needs: 2 processes, no bf16."""
-    cmd = [
-        str(Path(sys.executable).parent / "accelerate"),
-        "launch",
-        "--config_file",
-        str(CONFIGS / config),
-        "--num_processes",
-        "2",
-        "--mixed_precision",
-        "no",
-        str(REPO / script),
-        str(REPO / recipe),
-        *map(str, overrides),
-    ]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, (
-        f"{' '.join(cmd)}\n--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-6000:]}"
-    )
-    return proc
 
 
 def load_weights(model_dir: Path) -> dict:

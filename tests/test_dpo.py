@@ -24,7 +24,15 @@ import helpers
 import pytest
 import torch
 import yaml
-from helpers import REPO, build_stage_trainer, log_history, one_error_line, parse_stage, run_stage
+from helpers import (
+    REPO,
+    build_stage_trainer,
+    log_history,
+    one_error_line,
+    parse_production_recipe,
+    parse_stage,
+    run_stage,
+)
 from safetensors.torch import load_file
 
 from posttrain import fixtures
@@ -472,12 +480,7 @@ def test_bad_input_is_one_line_before_training(tmp_path, tiny_model_dir, pref_di
 
 
 def test_production_recipe():
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", FutureWarning)
-        # use_cpu: this machine has no GPU for bf16; the recipe is parsed as on the cluster otherwise.
-        script_args, args, model_args, _ = parse(REPO / "recipes" / "dpo.yaml", "--use_cpu", "true")
+    script_args, args, model_args, _ = parse_production_recipe("dpo")
     gpus = 8
     assert args.per_device_train_batch_size * args.gradient_accumulation_steps * gpus == 128
     assert args.beta == 0.1 and args.loss_type == ["sigmoid"] and not args.reference_free

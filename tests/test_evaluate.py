@@ -421,7 +421,7 @@ def test_data_parallel_scores_equal_one_process(evaluated, tmp_path, tiny_model_
 def test_health_callback_under_zero3(tmp_path, tiny_model_dir):
     """Under ZeRO-3 (2 CPU processes) every rank generates its share with gathered parameters,
     unequal shares (3 prompts) included."""
-    from test_distributed import accelerate_launch
+    from helpers import accelerate_launch
 
     out, data_dir = tmp_path / "out", tmp_path / "data"
     fixtures.write_jsonl(data_dir / "train.jsonl", fixtures.sft_rows())

@@ -21,7 +21,7 @@ import helpers
 import pytest
 import torch
 import yaml
-from helpers import REPO, build_stage_trainer, one_error_line, parse_stage, run_stage
+from helpers import REPO, build_stage_trainer, one_error_line, parse_production_recipe, parse_stage, run_stage
 from safetensors.torch import load_file
 
 from posttrain import fixtures
@@ -341,10 +341,7 @@ def test_dataset_mixture_with_weights(tmp_path, tiny_model_dir, sft_data_dir):
 
 
 def test_production_recipe():
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", FutureWarning)
-        # use_cpu: this machine has no GPU for bf16; the recipe is parsed as on the cluster otherwise.
-        script_args, args, model_args, _ = parse(REPO / "recipes" / "sft.yaml", "--use_cpu", "true")
+    script_args, args, model_args, _ = parse_production_recipe("sft")
     gpus = 8
     # 8 packed rows (~150 conversations) per update; tests/test_recipes.py checks the figures
     assert args.per_device_train_batch_size * args.gradient_accumulation_steps * gpus == 8
