@@ -418,15 +418,10 @@ def test_sequences_system_prompt_once_and_drop_count(tmp_path, tiny_model_dir, p
 def test_prompt_and_response_ids_on_the_qwen3_vocabulary(tmp_path, qwen3_model_dir, preference_data_dir):
     """Real ids: the prompt is system and user turns and the generation header <|im_start|>assistant\\n
     (151644 77091 198); each response is the answer's ids, <|im_end|> (151645) and its newline (198)."""
-    from posttrain import dpo
-    from posttrain.data import validate_preference_rows
-
     out = tmp_path / "out"
     recipe = write_recipe(tmp_path / "r.yaml", qwen3_model_dir, preference_data_dir, out, eval_strategy="no")
-    script_args, args, model_args, dataset_args = parse(recipe)
-    tok = training.load_tokenizer(model_args, args, require_generation_markers=False)
-    train, _ = training.load_data(script_args, dataset_args, args, validate_preference_rows)
-    trainer = training.make_trainer(dpo.PreferenceTrainer, args, model_args, train_dataset=train, processing_class=tok)
+    trainer = build_stage_trainer("dpo", recipe)
+    tok = trainer.processing_class
 
     def text_ids(text):
         return tok(text, add_special_tokens=False)["input_ids"]
