@@ -9,7 +9,10 @@ child's ru_maxrss starts from its parent's peak (fork/exec), so the parent
 must stay small for the figure to be the converter's own. Then, unless --no-verify, converts again with --verify and
 reports that run separately. Deletes the checkpoint afterwards unless --keep.
 
-    python benchmarks/convert_full_size.py [--workdir DIR] [--keep] [--no-verify]
+    python benchmarks/convert_full_size.py [--workdir DIR] [--keep] [--no-verify] [--tokenizer qwen3|DIR]
+
+The tokenizer is the built-in Qwen3 one (`--tokenizer qwen3`, the real run's), so the conversion
+also loads and saves the 151,669-token tokenizer.
 
 Targets: under 3 minutes, peak RSS under 2x the converted model
 (loading the whole file would need 3x); stretch ~1x.
@@ -68,7 +71,7 @@ def run_measured(*args: str) -> dict:
     return {"wall_s": round(wall, 1), "peak_rss_bytes": usage.ru_maxrss * 1024, "stdout": lines}
 
 
-def run_convert(ckpt: Path, tokenizer: Path, out: Path, *extra: str) -> dict:
+def run_convert(ckpt: Path, tokenizer: str, out: Path, *extra: str) -> dict:
     return run_measured(
         "-m", "posttrain.convert", str(ckpt), "--tokenizer", str(tokenizer), "--output-dir", str(out), *extra
     )
@@ -79,6 +82,7 @@ def main() -> None:
     parser.add_argument("--workdir", default=None, help="where the ~11 GB checkpoint goes (default: a temp dir)")
     parser.add_argument("--keep", action="store_true", help="keep the checkpoint and converted model")
     parser.add_argument("--no-verify", action="store_true", help="skip the second, --verify run")
+    parser.add_argument("--tokenizer", default="qwen3", help="convert-checkpoint's --tokenizer (default: qwen3)")
     parser.add_argument("--write-checkpoint", metavar="PATH", help=argparse.SUPPRESS)  # the child's job
     args = parser.parse_args()
     if args.write_checkpoint:
@@ -87,7 +91,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="convert_bench_", dir=args.workdir))
     try:
         ckpt, out = work / "ckpt_160000.pt", work / "hf_model"
-        tokenizer = fixtures.save_tokenizer(work / "tokenizer")
+        tokenizer = args.tokenizer
         source = run_measured(__file__, "--write-checkpoint", str(ckpt))
         source["bytes"] = ckpt.stat().st_size
         print(
@@ -107,6 +111,7 @@ def main() -> None:
         )
         result = {
             "model_args": fixtures.QWEN3_1_8B_ARGS,
+            "tokenizer": tokenizer,
             "checkpoint_bytes": source["bytes"],
             "checkpoint_write": {"wall_s": source["wall_s"], "peak_rss_bytes": source["peak_rss_bytes"]},
             "converted_model_bytes": model_bytes,

@@ -5,8 +5,9 @@
     python data_scripts/prepare_dpo.py --dataset ultrafeedback --output-dir data/dpo_ultrafeedback \\
         --tokenizer runs/converted --max-length 2048
 
---tokenizer is the converted model directory: prompt_too_long and the token statistics are
-measured with the ChatML template training uses (another template is replaced, with a note).
+--tokenizer is the converted model directory (or `qwen3`, the built-in Qwen3 tokenizer):
+prompt_too_long and the token statistics are measured with the ChatML template training uses
+(another template is replaced, with a note).
 """
 
 from __future__ import annotations

@@ -4,8 +4,9 @@
 
     python data_scripts/prepare_sft.py --dataset alpaca --output-dir data/sft_alpaca --tokenizer runs/converted
 
---tokenizer is the converted model directory: its tokenizer carries the ChatML training
-template (another template, such as a raw Qwen3 tokenizer's, is replaced, with a note).
+--tokenizer is the converted model directory (or `qwen3`, the built-in Qwen3 tokenizer): it
+carries the ChatML training template (another template, such as a raw Qwen3 tokenizer's, is
+replaced, with a note).
 """
 
 from __future__ import annotations

@@ -62,8 +62,15 @@ def install_chat_template(tokenizer) -> None:
     tokenizer.bos_token = None
 
 
+def is_builtin_qwen3(path: str | os.PathLike) -> bool:
+    """True when `path` names the built-in Qwen3 tokenizer: the word `qwen3` with no directory
+    of that name here (a directory wins, as in from_pretrained; `./qwen3` always means one)."""
+    return str(path) == "qwen3" and not Path(path).is_dir()
+
+
 def load_chat_tokenizer(path: str | os.PathLike):
-    """A local tokenizer directory with the ChatML training template installed.
+    """A local tokenizer directory, or `qwen3` (the built-in Qwen3 tokenizer, see
+    posttrain/qwen3_tokenizer.py), with the ChatML training template installed.
 
     Used by convert-checkpoint and data_scripts, so token counts are measured with
     the template training uses: a raw Qwen3 tokenizer's own template is replaced
@@ -71,6 +78,12 @@ def load_chat_tokenizer(path: str | os.PathLike):
     """
     from transformers import AutoTokenizer
 
+    if is_builtin_qwen3(path):
+        from posttrain.qwen3_tokenizer import load_qwen3_tokenizer
+
+        return load_qwen3_tokenizer()
+    if str(path) == "qwen3":
+        print("note: --tokenizer qwen3 is the directory ./qwen3, not the built-in Qwen3 tokenizer", file=sys.stderr)
     if not Path(path).is_dir():
         raise PosttrainError(f"tokenizer directory {path} not found")
     try:

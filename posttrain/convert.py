@@ -2,8 +2,17 @@
 Hugging Face `LlamaForCausalLM` directory that computes exactly what the
 original computed.
 
-    convert-checkpoint CKPT --tokenizer TOKENIZER_DIR --output-dir OUT \
+    convert-checkpoint CKPT --tokenizer qwen3|TOKENIZER_DIR --output-dir OUT \
         [--dtype bfloat16|float32] [--verify] [--overwrite]
+
+`--tokenizer qwen3` is the built-in Qwen3 tokenizer pre-training used
+(posttrain/qwen3_tokenizer.py); a directory is any tokenizer with the Qwen
+special tokens. The tokenizer must fit the checkpoint: no more tokens than its
+vocab_size, and, when the ids training used are known, the same
+`<|endoftext|>`, `<|im_start|>`, `<|im_end|>` ids. They are known when the
+checkpoint has Qwen3's vocab_size (151669: pre-training used the Qwen3
+tokenizer) or the tokenizer is `qwen3`; then they must be 151643, 151644,
+151645.
 
 Why Llama and not Qwen3: the original has no QK-norm, and Qwen3ForCausalLM
 always applies one; LlamaForCausalLM without biases is exactly this model.
@@ -28,8 +37,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from posttrain import qwen3_tokenizer
 from posttrain.atomic import atomic_output_dir, check_output_dir, output_lock
-from posttrain.chat_template import ENDOFTEXT, IM_END, load_chat_tokenizer
+from posttrain.chat_template import ENDOFTEXT, IM_END, is_builtin_qwen3, load_chat_tokenizer
 from posttrain.errors import PosttrainError, run_cli
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -44,9 +54,11 @@ SUPPORTED = {
     "norm_position": ("pre",),
     "position_encoding": ("rope",),
     "ffn_type": ("swiglu",),
-    "activation": ("swiglu", "silu"),
     "bias": (False,),
 }
+# The source's SwiGLU block always applies SiLU to the gate: model_args['activation'] is read only by
+# its other FFN, so any value is converted (and recorded in conversion.json as not applied).
+SWIGLU_ACTIVATION = "silu"
 MAX_SHARD_BYTES = 1 << 30  # 1 GiB: bounds the copies held at once when a dtype change is asked for
 FP32_TOLERANCE = 1e-4
 VERIFY_TOKENS = 32
@@ -268,11 +280,22 @@ def source_weights(state_dict: dict, a: dict, path: Path) -> dict[str, torch.Ten
     return weights
 
 
-def check_vocab(tokenizer, tokenizer_dir: Path, vocab_size: int) -> None:
+def check_vocab(tokenizer, tokenizer_name: str, vocab_size: int) -> None:
+    """The tokenizer must fit the embedding, and use the chat token ids training used where known."""
     if len(tokenizer) > vocab_size:
         raise PosttrainError(
-            f"tokenizer {tokenizer_dir} has {len(tokenizer)} tokens but the model's vocab_size is {vocab_size}"
+            f"tokenizer {tokenizer_name} has {len(tokenizer)} tokens but the model's vocab_size is {vocab_size}"
         )
+    if vocab_size != qwen3_tokenizer.VOCAB_SIZE and not is_builtin_qwen3(tokenizer_name):
+        return  # another vocabulary: the ids training used are not known
+    for token, trained_id in qwen3_tokenizer.CHAT_TOKEN_IDS.items():
+        token_id = tokenizer.convert_tokens_to_ids(token)
+        if token_id != trained_id:
+            raise PosttrainError(
+                f"tokenizer {tokenizer_name} has {token} = {token_id}, but this checkpoint (vocab_size {vocab_size}, "
+                f"the Qwen3 vocabulary) was trained with {token} = {trained_id}; pass the tokenizer pre-training "
+                "used (--tokenizer qwen3)"
+            )
 
 
 # ---------------------------------------------------------------- writing the model
@@ -290,7 +313,7 @@ def llama_config(a: dict, tokenizer, dtype: str):
         num_attention_heads=a["n_head"],
         num_key_value_heads=a["num_key_value_heads"],
         head_dim=a["n_embd"] // a["n_head"],
-        hidden_act="silu",
+        hidden_act=SWIGLU_ACTIVATION,
         max_position_embeddings=a["block_size"],
         rms_norm_eps=a["norm_eps"],
         rope_parameters={"rope_type": "default", "rope_theta": float(a["rope_theta"])},
@@ -404,24 +427,28 @@ def convert_checkpoint(
     complete (written to a temporary sibling, renamed into place), and not at all
     if --verify fails.
     """
-    ckpt_path, tokenizer_dir, output_dir = Path(ckpt_path), Path(tokenizer_dir), Path(output_dir)
+    ckpt_path, output_dir = Path(ckpt_path), Path(output_dir)
     if dtype not in DTYPES:
         raise PosttrainError(f"dtype {dtype!r} is not one of {sorted(DTYPES)}")
-    inputs = (ckpt_path, tokenizer_dir)
+    builtin = is_builtin_qwen3(tokenizer_dir)
+    inputs = (ckpt_path,) if builtin else (ckpt_path, tokenizer_dir)
     check_output_dir(output_dir, overwrite, inputs)
     tokenizer = load_chat_tokenizer(tokenizer_dir)  # before the checkpoint: a typo fails in a second
     ckpt = load_checkpoint(ckpt_path)
     a = check_model_args(ckpt["model_args"], ckpt_path)
     weights = source_weights(ckpt["model"], a, ckpt_path)
-    check_vocab(tokenizer, tokenizer_dir, a["vocab_size"])
+    check_vocab(tokenizer, str(tokenizer_dir), a["vocab_size"])
     table = weight_table(a)
 
     report = {
         "source": str(ckpt_path.resolve()),
         "iter_num": ckpt.get("iter_num"),
         "model_args": ckpt["model_args"],
+        "ffn": {"type": "swiglu", "model_args_activation": a.get("activation"), "applied": SWIGLU_ACTIVATION},
         "dtype": dtype,
-        "tokenizer": str(tokenizer_dir.resolve()),
+        "tokenizer": f"{qwen3_tokenizer.NAME} (built in, {qwen3_tokenizer.PACKAGE})"
+        if builtin
+        else str(Path(tokenizer_dir).resolve()),
         "verification": None,
     }
     reference = reference_for_verify(weights, a, DTYPES[dtype]) if verify else None
@@ -457,7 +484,9 @@ def convert_checkpoint(
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="convert-checkpoint", description=__doc__.split("\n\n")[0])
     parser.add_argument("checkpoint", help="ckpt_NNNNNN.pt written by the pre-training system")
-    parser.add_argument("--tokenizer", required=True, help="tokenizer directory (e.g. qwen3_tokenizer)")
+    parser.add_argument(
+        "--tokenizer", required=True, help="qwen3 (the built-in Qwen3 tokenizer) or a tokenizer directory"
+    )
     parser.add_argument("--output-dir", required=True, help="where the Hugging Face model directory goes")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
     parser.add_argument("--verify", action="store_true", help="compare logits with a reference forward")

@@ -1,11 +1,14 @@
-"""The whole pipeline on the embedded tiny model, offline, on a CPU: `make demo`.
+"""The whole pipeline on a tiny model with the real Qwen3 vocabulary, offline, on a CPU: `make demo`.
 
     python -m posttrain.demo [--work-dir demo_runs]
 
 Each stage runs the real command-line tool, as a user would, in a subprocess
 (its progress bars pass straight through): a checkpoint in the pre-training
-source format -> `convert-checkpoint --verify` -> `data_scripts/prepare_*.py`
--> `posttrain/sft.py` -> `posttrain/dpo.py`. Then the base, SFT and DPO models
+source format -> `convert-checkpoint --tokenizer qwen3 --verify` ->
+`data_scripts/prepare_*.py` -> `posttrain/sft.py` -> `posttrain/dpo.py`. The
+model is 2 layers of width 96, but its vocabulary is Qwen3's 151,669 tokens
+(the embedding and head are nearly all of its 30M parameters), so the token
+ids, chat template and data statistics are the real run's. Then the base, SFT and DPO models
 answer the same prompts side by side, and the SFT loss and DPO loss /
 reward-accuracy curves (from each run's trainer_state.json) go into a PNG.
 A stage that fails stops the demo with its exit code and command.
@@ -26,6 +29,7 @@ from pathlib import Path
 
 from posttrain import fixtures
 from posttrain.errors import PosttrainError, run_cli
+from posttrain.qwen3_tokenizer import VOCAB_SIZE as QWEN3_VOCAB_SIZE
 
 REPO = Path(__file__).resolve().parents[1]
 MARKER = ".posttrain-demo"  # only a directory the demo made is ever wiped
@@ -230,17 +234,18 @@ def run_demo(work: Path) -> None:
     w = demo.work
     py = sys.executable
 
-    demo.stage("Write a tiny checkpoint in the pre-training source format (ckpt_NNNNNN.pt) and its tokenizer")
-    tokenizer_dir = fixtures.save_tokenizer(w / "tokenizer")
-    ckpt = fixtures.write_source_checkpoint(w / "checkpoint" / "ckpt_000100.pt", iter_num=100)
+    demo.stage("Write a tiny checkpoint with Qwen3's vocabulary in the pre-training source format (ckpt_NNNNNN.pt)")
+    ckpt = fixtures.write_source_checkpoint(
+        w / "checkpoint" / "ckpt_000100.pt", fixtures.tiny_model_args(vocab_size=QWEN3_VOCAB_SIZE), iter_num=100
+    )
     print(
-        f"{ckpt} ({ckpt.stat().st_size / 1e6:.1f} MB, model + optimizer state; random weights, so the base model "
-        f"babbles); tokenizer in {tokenizer_dir}"
+        f"{ckpt} ({ckpt.stat().st_size / 1e6:.1f} MB, model + optimizer state, vocab_size {QWEN3_VOCAB_SIZE}; "
+        "random weights, so the base model babbles)"
     )
 
-    demo.stage("Convert it to a Hugging Face model and verify the logits against the original architecture")
+    demo.stage("Convert it with the built-in Qwen3 tokenizer and verify the logits against the original architecture")
     converted = w / "converted"
-    demo.run("convert", [*convert_cli(), ckpt, "--tokenizer", tokenizer_dir, "--output-dir", converted, "--verify"])
+    demo.run("convert", [*convert_cli(), ckpt, "--tokenizer", "qwen3", "--output-dir", converted, "--verify"])
     verification = json.loads((converted / "conversion.json").read_text())["verification"]
 
     demo.stage("Prepare the bundled SFT and preference data with data_scripts")

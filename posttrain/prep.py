@@ -93,8 +93,8 @@ def parse_args(kind: Kind, sources: dict[str, Source], argv=None, description: s
     p.add_argument("--seed", type=int, default=42)
     p.add_argument(
         "--tokenizer",
-        help="tokenizer directory, e.g. the converted model (runs/converted): token statistics in meta.json, "
-        "measured with the ChatML training template",
+        help="tokenizer directory, e.g. the converted model (runs/converted), or qwen3 (the built-in Qwen3 "
+        "tokenizer): token statistics in meta.json, measured with the ChatML training template",
     )
     p.add_argument("--max-length", type=int, default=2048, help="with --tokenizer: the training sequence length")
     p.add_argument("--num-proc", type=int, default=1, help="worker processes for the batched maps")

