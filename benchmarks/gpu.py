@@ -64,25 +64,13 @@ PEAK_TFLOPS = {
 # --------------------------------------------------------------------------- arithmetic (tested on CPU)
 
 
-def model_config(**overrides):
-    """The converted Qwen3-1.8B's architecture (convert-checkpoint writes exactly this LlamaConfig)."""
-    from transformers import LlamaConfig
+def model_config(**source_overrides):
+    """The converted Qwen3-1.8B's LlamaConfig, as convert-checkpoint writes it; `source_overrides` change
+    fields of the source model_args (the tests and --smoke: a tiny shape)."""
+    from posttrain.convert import llama_config
+    from posttrain.fixtures import QWEN3_1_8B_ARGS
 
-    shape = dict(
-        vocab_size=151669,
-        hidden_size=2048,
-        intermediate_size=5461,
-        num_hidden_layers=24,
-        num_attention_heads=16,
-        num_key_value_heads=16,
-        max_position_embeddings=SEQ,
-        rms_norm_eps=1e-5,
-        tie_word_embeddings=False,
-        attention_bias=False,
-        mlp_bias=False,
-        rope_parameters={"rope_type": "default", "rope_theta": 1e6},
-    )
-    return LlamaConfig(**{**shape, **overrides})
+    return llama_config({**QWEN3_1_8B_ARGS, **source_overrides}, "bfloat16")
 
 
 def param_count(c) -> int:
@@ -397,14 +385,7 @@ def main(argv=None) -> None:
     print(f"wrote {args.output}")
 
 
-TINY = dict(
-    vocab_size=400,
-    hidden_size=64,
-    intermediate_size=170,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=4,
-)
+TINY = dict(vocab_size=400, n_embd=64, d_ff=170, n_layer=2, n_head=4, num_key_value_heads=4)  # model_args
 
 if __name__ == "__main__":
     main()

@@ -70,20 +70,14 @@ def padding_efficiency(lengths: list[int]) -> dict:
 
 
 def tiny_model():
-    from transformers import LlamaConfig, LlamaForCausalLM
+    """The tests' tiny model (posttrain.fixtures), with room for rows of SEQ tokens."""
+    from transformers import LlamaForCausalLM
+
+    from posttrain.convert import llama_config
+    from posttrain.fixtures import tiny_model_args
 
     torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=400,
-        hidden_size=96,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        max_position_embeddings=SEQ,
-        tie_word_embeddings=False,
-    )
-    return LlamaForCausalLM(config)
+    return LlamaForCausalLM(llama_config(tiny_model_args(block_size=SEQ), "float32"))
 
 
 def throughput(rows: list[list[int]], **sft_args) -> dict:

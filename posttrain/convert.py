@@ -301,10 +301,11 @@ def check_vocab(tokenizer, tokenizer_name: str, vocab_size: int) -> None:
 # ---------------------------------------------------------------- writing the model
 
 
-def llama_config(a: dict, tokenizer, dtype: str):
+def llama_config(a: dict, dtype: str, eos: list[int] | None = None):
+    """The LlamaForCausalLM config that computes what the source model `a` (its model_args) computed;
+    `eos`: [<|im_end|>, <|endoftext|>] ids, the second also the padding id."""
     from transformers import LlamaConfig
 
-    eos = [tokenizer.convert_tokens_to_ids(IM_END), tokenizer.convert_tokens_to_ids(ENDOFTEXT)]
     return LlamaConfig(
         vocab_size=a["vocab_size"],
         hidden_size=a["n_embd"],
@@ -322,7 +323,7 @@ def llama_config(a: dict, tokenizer, dtype: str):
         tie_word_embeddings=bool(a["weight_tying"]),
         bos_token_id=None,
         eos_token_id=eos,
-        pad_token_id=eos[1],
+        pad_token_id=eos[1] if eos else None,
         architectures=["LlamaForCausalLM"],
         dtype=dtype,
     )
@@ -456,7 +457,8 @@ def convert_checkpoint(
     with atomic_output_dir(output_dir, overwrite=overwrite, inputs=inputs, needed_bytes=needed) as tmp:
         report["shards"] = write_shards(tmp, weights, table, DTYPES[dtype])
         del ckpt, weights  # unmap the source before verify loads an fp32 copy of the model
-        config = llama_config(a, tokenizer, dtype)
+        eos = [tokenizer.convert_tokens_to_ids(IM_END), tokenizer.convert_tokens_to_ids(ENDOFTEXT)]
+        config = llama_config(a, dtype, eos)
         config.save_pretrained(tmp)
         from transformers import GenerationConfig
 
