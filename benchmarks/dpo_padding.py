@@ -173,12 +173,7 @@ def tiny_dpo_throughput(pairs, strategy: str) -> dict:
 
         trainer.data_collator = counting_collator
         trainer.train()
-    return {
-        "timed_steps": timer.steps,
-        "seconds": timer.seconds,
-        "real_tokens_per_s": timer.tokens / timer.seconds,
-        "padding_fraction_observed": 1 - seen["real"] / seen["processed"],
-    }
+    return {**timer.figures(), "padding_fraction_observed": 1 - seen["real"] / seen["processed"]}
 
 
 def prepared_lengths(data_dir: str, tokenizer_dir: str):

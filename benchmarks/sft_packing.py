@@ -111,11 +111,7 @@ def throughput(rows: list[list[int]], **sft_args) -> dict:
         )
         timer.trainer = trainer
         trainer.train()
-    return {
-        "timed_steps": timer.steps,
-        "seconds": timer.seconds,
-        "real_tokens_per_s": timer.tokens / timer.seconds,
-    }
+    return timer.figures()
 
 
 def modelled_compute(lengths: list[int], packed_rows: int) -> dict:

@@ -1,7 +1,7 @@
 """A Trainer callback that times training steps after a warm-up, for the throughput benchmarks.
 
     timer = StepTimer(skip=1); trainer = XTrainer(..., callbacks=[timer]); timer.trainer = trainer
-    trainer.train(); timer.seconds, timer.tokens, timer.steps
+    trainer.train(); timer.figures()  # steps, seconds, real tokens/s
 
 The first steps pay for lazy initialisation (kernels, allocator, the optimizer state), so the
 clock starts after `skip` of them. Tokens are the ones TRL's trainers count themselves
@@ -31,3 +31,7 @@ class StepTimer(TrainerCallback):
         self.tokens = self.trainer._total_train_tokens - self.tokens0
         self.steps = state.global_step - self.skip
         self.trainer = None  # the trainer holds the model and optimizer: let them be freed
+
+    def figures(self) -> dict:
+        """What the benchmarks report of a timed run."""
+        return {"timed_steps": self.steps, "seconds": self.seconds, "real_tokens_per_s": self.tokens / self.seconds}
