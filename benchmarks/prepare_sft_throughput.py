@@ -4,11 +4,10 @@
 52,000 synthetic rows in the tatsu-lab/alpaca schema (instruction, input on about a
 third of rows, output, text; lengths near Alpaca's) go through
 `data_scripts/prepare_sft.py --tokenizer` as a subprocess, timed end to end. The tokenizer is
-Qwen's vocabulary by default (benchmarks/real_tokenizer.py: the ids Qwen3 gives ordinary text,
-built offline, not timed), or any tokenizer directory (`--tokenizer runs/converted`), or the tiny
-fixture one (`--tokenizer fixture`). Prints rows/s; writes benchmarks/results/prepare_sft_throughput.json.
+the built-in Qwen3 one by default (`qwen3`: loading it from its cache is timed too), or any
+tokenizer directory (`--tokenizer runs/converted`), or the tiny fixture one (`--tokenizer fixture`). Prints rows/s; writes benchmarks/results/prepare_sft_throughput.json.
 
-    python benchmarks/prepare_sft_throughput.py [--rows 52000] [--num-proc 2] [--tokenizer qwen|fixture|DIR]
+    python benchmarks/prepare_sft_throughput.py [--rows 52000] [--num-proc 2] [--tokenizer qwen3|fixture|DIR]
 """
 
 from __future__ import annotations
@@ -57,21 +56,17 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--rows", type=int, default=52_000)
     p.add_argument("--num-proc", type=int, default=os.cpu_count() or 1)
-    p.add_argument("--tokenizer", default="qwen", help="qwen (built offline), fixture (tiny), or a directory")
+    p.add_argument("--tokenizer", default="qwen3", help="qwen3 (built in), fixture (tiny), or a directory")
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "prepare_sft_throughput.json"))
     args = p.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         data = write_jsonl(tmp / "alpaca.jsonl", alpaca_rows(args.rows))
-        if args.tokenizer == "qwen":
-            from real_tokenizer import build
-
-            tokenizer = build(tmp / "tokenizer")
-        elif args.tokenizer == "fixture":
+        if args.tokenizer == "fixture":
             tokenizer = save_tokenizer(tmp / "tokenizer")
         else:
-            tokenizer = Path(args.tokenizer)
+            tokenizer = args.tokenizer  # qwen3 (built in) or a directory
         cmd = [
             sys.executable,
             str(REPO / "data_scripts" / "prepare_sft.py"),

