@@ -95,3 +95,28 @@ def qwen3_model_dir(tmp_path_factory, qwen3_source_checkpoint, qwen3_tokenizer_d
     out = tmp_path_factory.mktemp("converted_qwen3") / "model"
     convert_checkpoint(qwen3_source_checkpoint, "qwen3", out, dtype="float32")
     return out
+
+
+@pytest.fixture(scope="session")
+def memorised_sft(tmp_path_factory, tiny_model_dir, sft_data_dir):
+    """(recipe, output_dir) of the demo SFT recipe shortened to 64 steps at lr 3e-3: the tiny model memorises
+    the conversations and learns to stop. TensorBoard on, a checkpoint at step 32, and the generation-health
+    callback on the eval split's first two prompts."""
+    from helpers import run_stage, write_recipe
+
+    tmp = tmp_path_factory.mktemp("sft_run")
+    recipe = write_recipe(
+        "sft",
+        tmp / "recipe.yaml",
+        tiny_model_dir,
+        sft_data_dir,
+        tmp / "out",
+        num_train_epochs=16,
+        learning_rate=3e-3,
+        eval_steps=32,
+        save_steps=32,
+        report_to="tensorboard",
+        health_prompts=2,
+    )
+    run_stage("sft", recipe)
+    return recipe, tmp / "out"

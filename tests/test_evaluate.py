@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import REPO, log_history, one_error_line, run_stage, write_recipe
+from helpers import REPO, log_history, one_error_line
 
 from posttrain import eval_report, evaluate, evaluation, fixtures, health
 from posttrain.chat_template import ENDOFTEXT, IM_END
@@ -39,24 +39,9 @@ def arc_file(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def sft_run(tmp_path_factory, tiny_model_dir, sft_data_dir):
-    """The demo SFT recipe shortened to 64 steps at lr 3e-3 (the tiny model memorises the conversations and
-    learns to stop), with the generation-health callback on the eval split's first two prompts."""
-    tmp = tmp_path_factory.mktemp("sft_run")
-    recipe = write_recipe(
-        "sft",
-        tmp / "recipe.yaml",
-        tiny_model_dir,
-        sft_data_dir,
-        tmp / "out",
-        num_train_epochs=16,
-        learning_rate=3e-3,
-        eval_steps=32,
-        save_strategy="no",
-        health_prompts=HEALTH_PROMPTS,
-    )
-    run_stage("sft", recipe)
-    return tmp / "out"
+def sft_run(memorised_sft):
+    """The memorised SFT run (conftest), with the generation-health callback on HEALTH_PROMPTS prompts."""
+    return memorised_sft[1]
 
 
 def run_evaluate(*argv):

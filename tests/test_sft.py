@@ -226,22 +226,8 @@ def test_resume_and_output_dir_errors(tmp_path, tiny_model_dir, sft_data_dir):
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, tiny_model_dir, sft_data_dir):
-    """The demo recipe, shortened to 64 steps at lr 3e-3: enough for the tiny model to memorise the conversations."""
-    tmp = tmp_path_factory.mktemp("sft_run")
-    recipe = write_recipe(
-        tmp / "recipe.yaml",
-        tiny_model_dir,
-        sft_data_dir,
-        tmp / "out",
-        num_train_epochs=16,
-        learning_rate=3e-3,
-        eval_steps=32,
-        save_steps=32,
-        report_to="tensorboard",
-    )
-    run_sft(recipe)
-    return recipe, tmp / "out"
+def trained(memorised_sft):
+    return memorised_sft
 
 
 def test_memorised_replies_end_on_im_end(trained):
