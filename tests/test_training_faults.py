@@ -194,6 +194,9 @@ def test_a_kill_while_a_checkpoint_is_written_resumes_to_the_uninterrupted_weigh
 
 
 CTRL_C_AT_STEP_3 = """
+    # Ctrl-C at a terminal. A shell starts background jobs with SIGINT ignored (CI may run so): restore
+    # Python's own handler, as an interactive launch would have it.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     original = transformers.Trainer.training_step
     def interrupted(self, *args, **kwargs):
         if self.state.global_step == 3:
