@@ -88,11 +88,9 @@ def load_prompts(path: str | Path, system_prompt: str | None = None, limit: int 
     return prompts_from_rows(rows, system_prompt, limit, f"prompts {file}")
 
 
-def reply_record(ids: list[int], tokenizer, max_new_tokens: int) -> dict:
-    """What health_figures needs of one reply, and its text (from its token ids, the stop token included)."""
-    from posttrain.chat import _stop_token_ids
-
-    ended_on_stop = bool(ids) and ids[-1] in _stop_token_ids(tokenizer)
+def reply_record(ids: list[int], ended_on_stop: bool, tokenizer, max_new_tokens: int) -> dict:
+    """What health_figures needs of one reply, and its text, from what chat.generate_ids returns (its token
+    ids, the stop token included, and whether it ended on one)."""
     body = ids[:-1] if ended_on_stop else ids
     return {
         "reply": tokenizer.decode(body, skip_special_tokens=True).strip(),
@@ -120,9 +118,9 @@ def generate_replies(model, tokenizer, prompts: list[dict], max_new_tokens: int,
     with state.split_between_processes(list(prompts)) as mine:
         records = [
             reply_record(
-                generate_ids(
+                *generate_ids(
                     model, tokenizer, p["messages"], max_new_tokens=max_new_tokens, do_sample=False, synced_gpus=False
-                )[0],
+                ),
                 tokenizer,
                 max_new_tokens,
             )
