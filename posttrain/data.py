@@ -18,7 +18,7 @@ from pathlib import Path
 
 from posttrain.chat_template import find_control_token
 from posttrain.errors import PosttrainError
-from posttrain.messages import DESCRIPTIONS, EMPTY_FINAL_ASSISTANT, UNKNOWN_ROLE, message_problem
+from posttrain.messages import DESCRIPTIONS, EMPTY_FINAL_ASSISTANT, UNKNOWN_ROLE, message_problem, reads
 
 _BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")  # \ud800-\udfff: half of a UTF-16 pair
@@ -175,7 +175,7 @@ def load_datasets(script_args, mixture_args, training_args, validate_rows):
     try:
         train, evaluation = load_train_eval(script_args, mixture_args, want_eval=training_args.eval_strategy != "no")
     except EmptyRowsError as err:
-        raise PosttrainError(f"{err}; training reads {READS[validate_rows]}") from None
+        raise PosttrainError(f"{err}; training reads {', '.join(validate_rows.fields)}") from None
     if mixture_args.datasets:
         source = "mixture " + ",".join(d.path for d in mixture_args.datasets)
     else:
@@ -248,6 +248,7 @@ def _refuse_control_tokens(messages: list[dict], where: str) -> None:
             )
 
 
+@reads("messages")
 def validate_sft_rows(dataset, source: str) -> None:
     """Every row is a conversation with at least one non-empty assistant turn."""
     if "messages" not in dataset.column_names:
@@ -262,6 +263,7 @@ def validate_sft_rows(dataset, source: str) -> None:
             raise PosttrainError(f"{where}: no assistant turn to train on")
 
 
+@reads("prompt", "chosen", "rejected")
 def validate_preference_rows(dataset, source: str) -> None:
     """Every row has prompt messages and one non-empty assistant message each for chosen and rejected,
     and some pair differs (a pair whose chosen is its rejected carries no preference)."""
@@ -286,7 +288,3 @@ def validate_preference_rows(dataset, source: str) -> None:
             f"dataset {source}: in every one of its {identical} pairs chosen is identical to rejected, "
             "so there is no preference to learn"
         )
-
-
-# The fields each kind of training row needs, named when a file has none of them.
-READS = {validate_sft_rows: "messages", validate_preference_rows: "prompt, chosen, rejected"}

@@ -38,3 +38,14 @@ def message_problem(messages, final_assistant: bool = False) -> str | None:
     if final_assistant and not messages[-1]["content"].strip():
         return EMPTY_FINAL_ASSISTANT
     return None
+
+
+def reads(*fields: str):
+    """Declare the fields a reader of rows (a schema adapter, a training-row check) needs: named when a file
+    has none of them."""
+
+    def mark(function):
+        function.fields = fields
+        return function
+
+    return mark

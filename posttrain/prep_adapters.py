@@ -21,7 +21,14 @@ import re
 from collections import defaultdict
 
 from posttrain.chat_template import ROLES, find_control_token
-from posttrain.messages import EMPTY_FIELD, EMPTY_FINAL_ASSISTANT, NO_FINAL_ASSISTANT, UNKNOWN_ROLE, message_problem
+from posttrain.messages import (
+    EMPTY_FIELD,
+    EMPTY_FINAL_ASSISTANT,
+    NO_FINAL_ASSISTANT,
+    UNKNOWN_ROLE,
+    message_problem,
+    reads,
+)
 
 DEFAULT_SYSTEM_PROMPT = (
     "You are a helpful, harmless, and honest assistant. Always answer as helpfully as possible while being safe."
@@ -39,16 +46,6 @@ DPO_DROP_REASONS = SFT_DROP_REASONS + (PROMPT_MISMATCH, SAME_RESPONSE, PROMPT_TO
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 OASST_ROLES = {"prompter": "user", "assistant": "assistant"}
 HH_ROLES = {"Human": "user", "Assistant": "assistant"}
-
-
-def reads(*fields: str):
-    """Declare the source fields an adapter (or a regroup function) reads: named when a file has none."""
-
-    def mark(function):
-        function.fields = fields
-        return function
-
-    return mark
 
 
 class Drop(Exception):
