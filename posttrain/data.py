@@ -109,6 +109,17 @@ def check_json_file(path: str | Path) -> None:
         raise PosttrainError(f"{path}: not UTF-8 text ({err.reason})") from None
 
 
+def read_json_rows(path: str | Path):
+    """(`line N` or `row N`, row) of a JSON Lines file or a JSON array (checked first with check_json_file)."""
+    with open(path, encoding="utf-8") as fh:
+        if fh.read(1 << 12).lstrip().startswith("["):
+            fh.seek(0)
+            yield from ((f"row {i}", row) for i, row in enumerate(json.load(fh), 1))
+            return
+        fh.seek(0)
+        yield from ((f"line {i}", json.loads(line)) for i, line in enumerate(fh, 1) if line.strip())
+
+
 def _local_data_files(path: Path) -> tuple[str, dict[str, str]] | None:
     """(builder, {split: file}) for a local file or data_scripts directory, else None (a hub id)."""
     if path.is_dir():

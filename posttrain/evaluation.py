@@ -67,7 +67,7 @@ def required_fields(config: dict) -> set[str]:
 
 def _check_task_file(task: str, path: Path, fields: set[str]) -> None:
     """Every row of a local task file has the fields the task reads (one line naming file, row and field)."""
-    from posttrain.data import check_json_file
+    from posttrain.data import check_json_file, read_json_rows
 
     if not path.is_file():
         raise PosttrainError(f"task_files: {task}: {path} not found")
@@ -84,26 +84,13 @@ def _check_task_file(task: str, path: Path, fields: set[str]) -> None:
             )
         return
     check_json_file(path)
-    for where, row in _json_rows(path):
+    for where, row in read_json_rows(path):
         missing = sorted(fields - set(row))
         if missing:
             raise PosttrainError(
                 f"task_files: {task}: {path} {where} has no field {', '.join(missing)}, which the task reads "
                 f"(it needs {', '.join(sorted(fields))}: the hub dataset's schema)"
             )
-
-
-def _json_rows(path: Path):
-    """(`line N` or `row N`, row) of a JSON Lines file or a JSON array (already checked to parse)."""
-    import json
-
-    with open(path, encoding="utf-8") as fh:
-        if fh.read(1 << 12).lstrip().startswith("["):
-            fh.seek(0)
-            yield from ((f"row {i}", row) for i, row in enumerate(json.load(fh), 1))
-            return
-        fh.seek(0)
-        yield from ((f"line {i}", json.loads(line)) for i, line in enumerate(fh, 1) if line.strip())
 
 
 def task_configs(tasks, task_files: dict[str, str] | None = None) -> list:

@@ -23,7 +23,6 @@ gathers the parameters first, as TRL's own generation callbacks do).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from transformers import TrainerCallback
@@ -76,15 +75,14 @@ def prompts_from_rows(rows, system_prompt: str | None, limit: int | None, source
 
 def load_prompts(path: str | Path, system_prompt: str | None = None, limit: int | None = None) -> list[dict]:
     """Prompts from a JSONL of `messages` (or preference) rows, or a data_scripts directory's test.jsonl."""
-    from posttrain.data import check_json_file
+    from posttrain.data import check_json_file, read_json_rows
 
     path = Path(path)
     file = path / "test.jsonl" if path.is_dir() else path
     if not file.is_file():
         raise PosttrainError(f"prompts: {file} not found (a .jsonl of messages rows or a data_scripts directory)")
     check_json_file(file)
-    with open(file, encoding="utf-8") as fh:
-        rows = [json.loads(line) for line in fh if line.strip()]
+    rows = [row for _, row in read_json_rows(file)]
     return prompts_from_rows(rows, system_prompt, limit, f"prompts {file}")
 
 

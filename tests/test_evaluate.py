@@ -280,6 +280,16 @@ def test_prompts_end_before_the_final_assistant_turn():
     assert pair["messages"] == fixtures.preference_rows()[1]["prompt"] and pair["reference"] == "The sky is blue."
 
 
+def test_prompts_load_from_json_lines_and_json_arrays_alike(tmp_path):
+    rows = fixtures.sft_rows()[:3]
+    lines = fixtures.write_jsonl(tmp_path / "p.jsonl", rows)
+    array = tmp_path / "p.json"
+    array.write_text(json.dumps(rows))
+    from_lines = health.load_prompts(lines)
+    assert len(from_lines) == 3 and from_lines == health.load_prompts(array)
+    assert from_lines[0]["messages"] == rows[0]["messages"][:-1]
+
+
 def test_callback_metrics_in_trainer_state(sft_run, sft_data_dir):
     logs = log_history(sft_run)
     eval_steps = [e["step"] for e in logs if "eval_loss" in e]
