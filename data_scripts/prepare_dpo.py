@@ -12,10 +12,10 @@ prompt_too_long and the token statistics are measured with the ChatML template t
 
 from __future__ import annotations
 
-from posttrain import prep
-from posttrain import prep_adapters as a
+from posttrain.data import adapters as a
+from posttrain.data import prep
 
-# NAME -> where it lives and which adapter reads its schema (see posttrain/prep_adapters.py).
+# NAME -> where it lives and which adapter reads its schema (see posttrain/data/adapters.py).
 SOURCES = {
     "ultrafeedback": prep.Source(a.chosen_rejected_lists, "argilla/ultrafeedback-binarized-preferences-cleaned"),
     "hh_rlhf": prep.Source(a.hh_rlhf, "Anthropic/hh-rlhf", test_split="test"),

@@ -11,10 +11,10 @@ replaced, with a note).
 
 from __future__ import annotations
 
-from posttrain import prep
-from posttrain import prep_adapters as a
+from posttrain.data import adapters as a
+from posttrain.data import prep
 
-# NAME -> where it lives and which adapter reads its schema (see posttrain/prep_adapters.py).
+# NAME -> where it lives and which adapter reads its schema (see posttrain/data/adapters.py).
 SOURCES = {
     "alpaca": prep.Source(a.alpaca, "tatsu-lab/alpaca"),
     "alpaca_cleaned": prep.Source(a.alpaca, "yahma/alpaca-cleaned"),

@@ -4,7 +4,7 @@
     python posttrain/dpo.py recipes/demo/dpo.yaml            # one process
 
 The recipe is a YAML file of TRL `ScriptArguments` / `DPOConfig` / `ModelConfig` / `DatasetMixtureConfig`
-fields (plus `posttrain.recipe.ScriptArguments`' own and `reference_free`); command-line flags override it.
+fields (plus `posttrain.training.recipe.ScriptArguments`' own and `reference_free`); command-line flags override it.
 Policy and reference both start from `model_name_or_path` (the SFT output); `precompute_ref_log_probs`
 computes the reference's log-probs in one pass and never keeps it, and with `use_peft` the reference is the
 policy with its adapter disabled. `loss_type` is TRL's (a name, or a list weighted by `loss_weights`).
@@ -18,22 +18,21 @@ from dataclasses import dataclass, field
 import trl
 from trl.trainer.utils import global_then_local_main_first
 
-from posttrain.chat_template import load_training_tokenizer
-from posttrain.data import load_datasets, validate_preference_rows
-from posttrain.dpo_batching import LengthGroupedPairs
-from posttrain.health import add_health_callback, held_out_prompts
-from posttrain.lengths import drop_unfit_rows
-from posttrain.recipe import Recipe
-from posttrain.run_dir import (
+from posttrain.data.lengths import drop_unfit_rows
+from posttrain.data.loading import load_datasets, validate_preference_rows
+from posttrain.training.callbacks import add_health_callback, held_out_prompts
+from posttrain.training.dpo_batching import LengthGroupedPairs
+from posttrain.training.recipe import Recipe
+from posttrain.training.run_dir import (
     claim_output_dir,
     refuse_inputs_in_output_dir,
     reporting_stops,
     resume_checkpoint,
     run_stage_cli,
 )
-from posttrain.runtime import setup_logging_and_seed
-from posttrain.saving import save_run
-from posttrain.trainers import build_trainer, check_model
+from posttrain.training.runtime import setup_logging_and_seed
+from posttrain.training.saving import save_run
+from posttrain.training.trainers import build_trainer, check_model, load_training_tokenizer
 
 # The loss types whose formula reads label_smoothing (TRL 1.16 `DPOTrainer._compute_loss`).
 LABEL_SMOOTHING_LOSSES = {"robust", "exo_pair", "aot", "aot_unpaired"}

@@ -9,9 +9,9 @@ unknown key is an error that names it. For each model, in the order given:
   `plain` (the task's own prompt) and `chat` (the prompt as a user turn of the model's chat template,
   with `system_prompt`): acc, acc_norm, their standard errors and n;
 - generation health on `prompts` (greedy, the model's chat template): stop_rate, truncated_rate,
-  mean_length, repeat_4gram_rate (posttrain/health.py);
+  mean_length, repeat_4gram_rate (posttrain/generation/health.py);
 then paired comparisons (each model against the next, and the first against the last) on the same
-items: difference, 95% interval, p-value (posttrain/evaluation.py). output_dir receives summary.json,
+items: difference, 95% interval, p-value (posttrain/evaluation/stats.py). output_dir receives summary.json,
 report.md, scores.png, replies.jsonl and recipe.resolved.yaml, all at once (nothing half-written);
 under several processes only the main one writes.
 
@@ -32,11 +32,13 @@ if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
     # (Hugging Face's package, which some harness tasks use) would find this file instead.
     sys.path.pop(0)
 
-from posttrain import eval_report, evaluation, health
-from posttrain.atomic import atomic_output_dir, check_output_dir
-from posttrain.errors import PosttrainError, run_cli
-from posttrain.prep_adapters import DEFAULT_SYSTEM_PROMPT
-from posttrain.recipe import parse_recipe, save_resolved_recipe
+from posttrain.data.adapters import DEFAULT_SYSTEM_PROMPT
+from posttrain.data.prompts import load_prompts
+from posttrain.evaluation import harness, report, stats
+from posttrain.generation import health
+from posttrain.outputs.atomic import atomic_output_dir, check_output_dir
+from posttrain.outputs.errors import PosttrainError, run_cli
+from posttrain.training.recipe import parse_recipe, save_resolved_recipe
 
 
 @dataclass
@@ -52,7 +54,7 @@ class EvalArguments:
         },
     )
     tasks: list[str] = field(
-        default_factory=lambda: list(evaluation.DEFAULT_TASKS),
+        default_factory=lambda: list(harness.DEFAULT_TASKS),
         metadata={"help": "lm-evaluation-harness multiple-choice task names."},
     )
     task_files: list[str] = field(
@@ -153,11 +155,11 @@ def evaluate_model(name, path, configs, chat: bool, prompts, args) -> tuple[dict
     """({mode: {task: TaskScore}} (None off the main process), reply records) of one model."""
     import torch
 
-    lm = evaluation.load_lm(path, args.batch_size, args.dtype)
+    lm = harness.load_lm(path, args.batch_size, args.dtype)
     print(f"\n== {name} ({path}): scoring {', '.join(args.tasks)}", flush=True)
-    scores = {"plain": evaluation.score(lm, configs, chat=False, limit=args.limit)}
+    scores = {"plain": harness.score(lm, configs, chat=False, limit=args.limit)}
     if chat:
-        scores["chat"] = evaluation.score(lm, configs, chat=True, system_prompt=args.system_prompt, limit=args.limit)
+        scores["chat"] = harness.score(lm, configs, chat=True, system_prompt=args.system_prompt, limit=args.limit)
     replies = None
     if prompts:
         model, tokenizer = lm.model, lm.tokenizer
@@ -182,9 +184,9 @@ def main(args: EvalArguments) -> None:
     check_numbers(args)
     dirs = model_dirs(args.models)
     system_prompt = args.system_prompt or None
-    prompts = health.load_prompts(args.prompts, system_prompt, args.num_prompts) if args.prompts else []
+    prompts = load_prompts(args.prompts, system_prompt, args.num_prompts) if args.prompts else []
     task_files = _mapping(args.task_files, "task_files")
-    configs = evaluation.task_configs(args.tasks, task_files)
+    configs = harness.task_configs(args.tasks, task_files)
     chat = chat_scoring(dirs, args.chat_scoring, generating=bool(prompts))
     inputs = [*dirs.values(), *task_files.values(), *([args.prompts] if args.prompts else [])]
     check_output_dir(args.output_dir, args.overwrite_output_dir, inputs)
@@ -195,20 +197,20 @@ def main(args: EvalArguments) -> None:
     if any(s is None for s in scores.values()):  # the harness returns results on the main process only
         return
 
-    comparisons = evaluation.compare_models(scores)
+    comparisons = stats.compare_models(scores)
     generation = {name: health.health_figures(r) for name, r in replies.items() if r is not None}
-    summary = eval_report.build_summary(dirs, scores, generation, comparisons)
+    summary = report.build_summary(dirs, scores, generation, comparisons)
     with atomic_output_dir(args.output_dir, args.overwrite_output_dir, inputs) as tmp:
-        eval_report.write_outputs(tmp, summary, prompts, {n: r for n, r in replies.items() if r is not None})
+        report.write_outputs(tmp, summary, prompts, {n: r for n, r in replies.items() if r is not None})
         save_resolved_recipe(tmp, args)
     out = Path(args.output_dir)
-    print("\n" + eval_report.scores_table(summary, "acc"))
+    print("\n" + report.scores_table(summary, "acc"))
     if comparisons:
-        print("\n" + eval_report.comparisons_table(comparisons))
+        print("\n" + report.comparisons_table(comparisons))
     if generation:
-        print("\n" + eval_report.generation_table(summary))
-    print(f"\nreport: {out / eval_report.REPORT_NAME}\nchart: {out / eval_report.CHART_NAME}")
-    print(f"summary: {out / eval_report.SUMMARY_NAME}")
+        print("\n" + report.generation_table(summary))
+    print(f"\nreport: {out / report.REPORT_NAME}\nchart: {out / report.CHART_NAME}")
+    print(f"summary: {out / report.SUMMARY_NAME}")
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@
     python posttrain/sft.py recipes/demo/sft.yaml            # one process
 
 The recipe is a YAML file of TRL `ScriptArguments` / `SFTConfig` / `ModelConfig` / `DatasetMixtureConfig`
-fields (plus `posttrain.recipe.ScriptArguments`' own); command-line flags override it. The loss covers the
+fields (plus `posttrain.training.recipe.ScriptArguments`' own); command-line flags override it. The loss covers the
 assistant turns only, each with its closing `<|im_end|>` (`assistant_only_loss` with the ChatML template's
 generation markers), so the model learns to answer and to stop; conversations are packed padding-free.
 """
@@ -15,21 +15,20 @@ import logging
 
 import trl
 
-from posttrain.chat_template import load_training_tokenizer
-from posttrain.data import load_datasets, validate_sft_rows
-from posttrain.health import add_health_callback, held_out_prompts
-from posttrain.lengths import drop_overlong_conversations
-from posttrain.recipe import Recipe
-from posttrain.run_dir import (
+from posttrain.data.lengths import drop_overlong_conversations
+from posttrain.data.loading import load_datasets, validate_sft_rows
+from posttrain.training.callbacks import add_health_callback, held_out_prompts
+from posttrain.training.recipe import Recipe
+from posttrain.training.run_dir import (
     claim_output_dir,
     refuse_inputs_in_output_dir,
     reporting_stops,
     resume_checkpoint,
     run_stage_cli,
 )
-from posttrain.runtime import setup_logging_and_seed
-from posttrain.saving import save_run
-from posttrain.trainers import build_trainer, check_model
+from posttrain.training.runtime import setup_logging_and_seed
+from posttrain.training.saving import save_run
+from posttrain.training.trainers import build_trainer, check_model, load_training_tokenizer
 
 logger = logging.getLogger("posttrain.sft")
 

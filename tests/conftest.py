@@ -12,7 +12,7 @@ os.environ.setdefault("WANDB_DISABLED", "true")
 
 import pytest  # noqa: E402
 
-from posttrain import fixtures  # noqa: E402
+from posttrain.demo import fixtures  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -63,7 +63,7 @@ def preference_data_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def qwen3_tokenizer_dir():
     """The built-in Qwen3 tokenizer (ChatML template installed) as a directory: built once, then cached."""
-    from posttrain.qwen3_tokenizer import qwen3_tokenizer_dir
+    from posttrain.conversion.qwen3_tokenizer import qwen3_tokenizer_dir
 
     return qwen3_tokenizer_dir()
 
@@ -79,7 +79,7 @@ def qwen_package_encode():
 @pytest.fixture(scope="session")
 def qwen3_source_checkpoint(tmp_path_factory):
     """A tiny checkpoint with Qwen3's vocabulary: 151,669-row embedding and head, width 32, no optimizer state."""
-    from posttrain.qwen3_tokenizer import VOCAB_SIZE
+    from posttrain.conversion.qwen3_tokenizer import VOCAB_SIZE
 
     args = fixtures.tiny_model_args(vocab_size=VOCAB_SIZE, n_embd=32)
     return fixtures.write_source_checkpoint(

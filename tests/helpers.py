@@ -37,7 +37,7 @@ def parse_stage(stage: str, *argv):
     """The stage's Recipe from `RECIPE.yaml [--key value ...]`, as its script parses it."""
     import trl
 
-    from posttrain.recipe import parse_stage_recipe
+    from posttrain.training.recipe import parse_stage_recipe
 
     config_cls = trl.SFTConfig if stage == "sft" else stage_module(stage).DPOConfig
     return parse_stage_recipe(config_cls, [str(a) for a in argv])
@@ -60,10 +60,9 @@ def run_stage(stage: str, *argv) -> None:
 
 def build_stage_trainer(stage: str, *argv):
     """The stage's trainer on its data, as its `main` builds it, without training."""
-    from posttrain.chat_template import load_training_tokenizer
-    from posttrain.data import load_datasets, validate_preference_rows, validate_sft_rows
-    from posttrain.lengths import drop_overlong_conversations
-    from posttrain.trainers import build_trainer
+    from posttrain.data.lengths import drop_overlong_conversations
+    from posttrain.data.loading import load_datasets, validate_preference_rows, validate_sft_rows
+    from posttrain.training.trainers import build_trainer, load_training_tokenizer
 
     recipe = parse_stage(stage, *argv)
     script_args, training_args, model_args, dataset_args = recipe.arguments

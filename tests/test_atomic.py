@@ -1,4 +1,4 @@
-"""posttrain/atomic.py: outputs appear whole or not at all, wherever the output path points."""
+"""posttrain/outputs/atomic.py and lock.py: outputs appear whole or not at all, wherever the output path points."""
 
 from __future__ import annotations
 
@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 from helpers import make_read_only, small_tmpfs
 
-from posttrain.atomic import atomic_output_dir, atomic_write_text, check_output_dir, output_lock
-from posttrain.errors import PosttrainError
+from posttrain.outputs.atomic import atomic_output_dir, atomic_write_text, check_output_dir
+from posttrain.outputs.errors import PosttrainError
+from posttrain.outputs.lock import output_lock
 
 
 def siblings(d: Path) -> list[str]:
@@ -101,7 +102,7 @@ def test_the_root_is_not_an_output_dir():
 
 def hold_lock_in_another_process(out: Path) -> subprocess.Popen:
     """A process that holds output_lock(out) until its stdin closes; returns once it holds it."""
-    code = "import sys\nfrom posttrain.atomic import output_lock\nwith output_lock(sys.argv[1]):\n    print('held', flush=True)\n    sys.stdin.read()\n"
+    code = "import sys\nfrom posttrain.outputs.lock import output_lock\nwith output_lock(sys.argv[1]):\n    print('held', flush=True)\n    sys.stdin.read()\n"
     holder = subprocess.Popen(
         [sys.executable, "-c", code, str(out)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
     )
@@ -169,7 +170,9 @@ def test_a_lock_from_another_host_is_refused_with_how_to_remove_it(tmp_path):
 def test_a_child_of_the_holder_writes_under_its_lock(tmp_path):
     """A launcher that holds the lock starts workers that write: they do not refuse their own launch."""
     out = tmp_path / "out"
-    code = "import sys\nfrom posttrain.atomic import output_lock\nwith output_lock(sys.argv[1]):\n    print('in')\n"
+    code = (
+        "import sys\nfrom posttrain.outputs.lock import output_lock\nwith output_lock(sys.argv[1]):\n    print('in')\n"
+    )
     with output_lock(out):
         child = subprocess.run([sys.executable, "-c", code, str(out)], capture_output=True, text=True)
         assert child.returncode == 0 and child.stdout == "in\n", child.stderr

@@ -14,7 +14,8 @@ import torch
 from helpers import assert_one_line_error
 
 from posttrain import chat
-from posttrain.errors import PosttrainError
+from posttrain.generation import generate
+from posttrain.outputs.errors import PosttrainError
 
 
 def run_chat(*args, stdin: str | None = None) -> subprocess.CompletedProcess:
@@ -159,7 +160,7 @@ def test_max_new_tokens_is_capped_at_what_the_context_leaves(model_and_tokenizer
     messages = [{"role": "user", "content": "bees " * (context // 8)}]
     n_prompt = len(tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)["input_ids"])
     assert context // 8 < n_prompt < context
-    chat.generate_turn(model, tokenizer, messages, max_new_tokens=10 * context, do_sample=False)
+    generate.generate_turn(model, tokenizer, messages, max_new_tokens=10 * context, do_sample=False)
     assert capsys.readouterr().err == (
         f"note: --max-new-tokens {10 * context} capped at {context - n_prompt}: the conversation takes "
         f"{n_prompt} of the model's {context} context tokens\n"

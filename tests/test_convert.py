@@ -17,10 +17,12 @@ from helpers import assert_one_line_error, make_read_only, run_paused, small_tmp
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from posttrain import atomic, convert, fixtures
-from posttrain.chat_template import CHATML_TEMPLATE, ENDOFTEXT, IM_END
-from posttrain.errors import PosttrainError
-from posttrain.source_model import reference_logits
+from posttrain import convert
+from posttrain.conversion.chat_template import CHATML_TEMPLATE, ENDOFTEXT, IM_END
+from posttrain.conversion.source_model import reference_logits
+from posttrain.demo import fixtures
+from posttrain.outputs import atomic
+from posttrain.outputs.errors import PosttrainError
 
 # The real run's traps at small scale: MHA with d_ff not a multiple of 64 (the real 5461),
 # eps 1e-5, bf16, `_orig_mod.`; GQA under DDP's `module.`; a tied head with mask buffers.

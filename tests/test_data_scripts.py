@@ -20,10 +20,10 @@ from pathlib import Path
 import pytest
 from helpers import REPO, assert_one_line_error, make_read_only, run_paused, small_tmpfs, tree_hashes
 
-from posttrain.data import load_source, validate_preference_rows, validate_sft_rows
-from posttrain.errors import PosttrainError
-from posttrain.fixtures import write_jsonl
-from posttrain.prep_adapters import DEFAULT_SYSTEM_PROMPT as SYS
+from posttrain.data.adapters import DEFAULT_SYSTEM_PROMPT as SYS
+from posttrain.data.loading import load_source, validate_preference_rows, validate_sft_rows
+from posttrain.demo.fixtures import write_jsonl
+from posttrain.outputs.errors import PosttrainError
 
 
 def _script(name: str):
@@ -932,7 +932,7 @@ def test_a_second_run_is_refused_and_leftovers_of_a_killed_one_are_removed(tmp_p
     out, ready, go = tmp_path / "out", tmp_path / "ready", tmp_path / "go"
     args = ["--dataset", "alpaca", "--data-files", data, "--output-dir", out, "--val-split", "0"]
     script = REPO / "data_scripts" / "prepare_sft.py"
-    first = run_paused("posttrain.prep.load_splits", [script, *args], ready, go)
+    first = run_paused("posttrain.data.prep.load_splits", [script, *args], ready, go)
     try:
         while not ready.exists():
             assert first.poll() is None, first.communicate()

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from posttrain import demo
-from posttrain.errors import PosttrainError
+from posttrain.demo import pipeline as demo
+from posttrain.outputs.errors import PosttrainError
 
 SFT_HISTORY = [
     {"step": 10, "loss": 4.0, "epoch": 1.0},
@@ -89,7 +89,7 @@ def test_work_dir_is_refused_unless_the_demo_made_it(tmp_path):
 
 
 def test_raw_data_is_in_the_form_data_scripts_reads(tmp_path):
-    from posttrain.data import load_source, validate_preference_rows, validate_sft_rows
+    from posttrain.data.loading import load_source, validate_preference_rows, validate_sft_rows
 
     sft_dir, pref_dir = demo.write_raw_data(tmp_path)
     for directory, validate in ((sft_dir, validate_sft_rows), (pref_dir, validate_preference_rows)):

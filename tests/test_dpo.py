@@ -35,10 +35,10 @@ from helpers import (
 )
 from safetensors.torch import load_file
 
-from posttrain import fixtures
-from posttrain.chat_template import IM_END, IM_START
-from posttrain.errors import run_cli
-from posttrain.recipe import MERGED_DIR, RESOLVED_RECIPE_NAME
+from posttrain.conversion.chat_template import IM_END, IM_START
+from posttrain.demo import fixtures
+from posttrain.outputs.errors import run_cli
+from posttrain.training.recipe import MERGED_DIR, RESOLVED_RECIPE_NAME
 
 DPO_SCRIPT = REPO / "posttrain" / "dpo.py"
 BETA = 0.1

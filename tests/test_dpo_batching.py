@@ -13,9 +13,10 @@ import yaml
 from helpers import log_history, run_stage, write_recipe
 from safetensors.torch import load_file
 
-from posttrain import dpo, fixtures
-from posttrain.dpo_batching import pair_length
-from posttrain.recipe import RESOLVED_RECIPE_NAME
+from posttrain import dpo
+from posttrain.demo import fixtures
+from posttrain.training.dpo_batching import pair_length
+from posttrain.training.recipe import RESOLVED_RECIPE_NAME
 
 
 def test_pair_length_is_prompt_plus_the_longer_response_cut_at_max_length():

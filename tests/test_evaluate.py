@@ -19,9 +19,15 @@ import pytest
 import torch
 from helpers import REPO, log_history, one_error_line
 
-from posttrain import eval_report, evaluate, evaluation, fixtures, health
-from posttrain.chat_template import ENDOFTEXT, IM_END
-from posttrain.errors import PosttrainError
+from posttrain import evaluate
+from posttrain.conversion.chat_template import ENDOFTEXT, IM_END
+from posttrain.data import prompts as data_prompts
+from posttrain.demo import fixtures
+from posttrain.evaluation import harness as evaluation
+from posttrain.evaluation import report as eval_report
+from posttrain.evaluation import stats
+from posttrain.generation import health
+from posttrain.outputs.errors import PosttrainError
 
 MAX_NEW_TOKENS = 24
 HEALTH_PROMPTS = 2
@@ -158,37 +164,37 @@ def test_comparisons_and_outputs(evaluated):
 def test_mcnemar_exact_known_values():
     # b right on 6 items a gets wrong, never the reverse: p = 2 * (1/2)^6
     a, b = [0] * 6 + [1, 1, 0, 0], [1] * 6 + [1, 1, 0, 0]
-    assert evaluation.mcnemar_exact(a, b) == pytest.approx(2 / 64)
+    assert stats.mcnemar_exact(a, b) == pytest.approx(2 / 64)
     # 2 against 8 discordant items: p = 2 * (C(10,0) + C(10,1) + C(10,2)) / 2^10
     a, b = [1, 1] + [0] * 8 + [1] * 5, [0, 0] + [1] * 8 + [1] * 5
-    assert evaluation.mcnemar_exact(a, b) == pytest.approx(2 * 56 / 1024)
-    assert evaluation.mcnemar_exact([1, 0, 1], [1, 0, 1]) == 1.0
-    assert evaluation.mcnemar_exact(b, a) == evaluation.mcnemar_exact(a, b)
+    assert stats.mcnemar_exact(a, b) == pytest.approx(2 * 56 / 1024)
+    assert stats.mcnemar_exact([1, 0, 1], [1, 0, 1]) == 1.0
+    assert stats.mcnemar_exact(b, a) == stats.mcnemar_exact(a, b)
 
 
 def test_paired_comparison_known_answers():
     # 400 items: b gains 60, loses 20 -> delta +0.1; sd of the differences sqrt(0.2 - 0.01)
     a = [0] * 60 + [1] * 20 + [1] * 160 + [0] * 160
     b = [1] * 60 + [0] * 20 + [1] * 160 + [0] * 160
-    result = evaluation.paired_comparison(dict(enumerate(a)), dict(enumerate(b)))
+    result = stats.paired_comparison(dict(enumerate(a)), dict(enumerate(b)))
     half = 1.96 * (0.2 - 0.01) ** 0.5 / 400**0.5
     assert result["delta"] == pytest.approx(0.1) and result["n"] == 400
     assert result["ci95"] == pytest.approx([0.1 - half, 0.1 + half], abs=0.006)
     assert result["test"] == "mcnemar_exact"
-    assert result["p_value"] == pytest.approx(evaluation.mcnemar_exact(a, b)) and result["p_value"] < 1e-5
+    assert result["p_value"] == pytest.approx(stats.mcnemar_exact(a, b)) and result["p_value"] < 1e-5
     # only shared items count
-    assert evaluation.paired_comparison({0: 1.0, 1: 0.0}, {1: 1.0, 2: 0.0})["n"] == 1
+    assert stats.paired_comparison({0: 1.0, 1: 0.0}, {1: 1.0, 2: 0.0})["n"] == 1
 
 
 def test_sign_flip_for_graded_scores():
     # ten items, all improved: the exact two-sided permutation p is 2 / 2^10
     a, b = [0.2] * 10, [0.5] * 10
-    result = evaluation.paired_comparison(dict(enumerate(a)), dict(enumerate(b)))
+    result = stats.paired_comparison(dict(enumerate(a)), dict(enumerate(b)))
     assert result["test"] == "sign_flip_permutation"
     assert result["p_value"] == pytest.approx(2 / 1024, abs=0.0015)
     assert result["ci95"] == pytest.approx([0.3, 0.3])
     # symmetric differences: no evidence of a difference
-    assert evaluation.sign_flip_p([0.5, 0.5, 0.1, 0.9], [0.9, 0.1, 0.5, 0.5]) == 1.0
+    assert stats.sign_flip_p([0.5, 0.5, 0.1, 0.9], [0.9, 0.1, 0.5, 0.5]) == 1.0
 
 
 def test_compare_models_pairs_in_order():
@@ -202,7 +208,7 @@ def test_compare_models_pairs_in_order():
         "sft": {"plain": {"t": task_score([1, 0, 1, 0])}, "chat": {"t": task_score([1, 1, 1, 0])}},
         "dpo": {"plain": {"t": task_score([1, 1, 1, 1])}, "chat": {"t": task_score([1, 1, 1, 1])}},
     }
-    comparisons = evaluation.compare_models(scores)
+    comparisons = stats.compare_models(scores)
     got = [(c["a"], c["b"], c["mode"], c["delta"]) for c in comparisons]
     assert got == [
         ("base", "sft", "plain", 0.25),
@@ -271,12 +277,12 @@ def test_health_figures_of_constructed_replies():
 
 def test_prompts_end_before_the_final_assistant_turn():
     row = fixtures.qa_conversation([fixtures.QA_PAIRS[0], fixtures.QA_PAIRS[4]])
-    prompt = health.prompt_of(row, system_prompt="ignored: the row has one")
+    prompt = data_prompts.prompt_of(row, system_prompt="ignored: the row has one")
     assert prompt["messages"] == row["messages"][:-1] and prompt["reference"] == fixtures.QA_PAIRS[4][1]
-    no_system = health.prompt_of({"messages": row["messages"][1:3]}, system_prompt="S")
+    no_system = data_prompts.prompt_of({"messages": row["messages"][1:3]}, system_prompt="S")
     assert no_system["messages"][0] == {"role": "system", "content": "S"}
-    assert health.prompt_of({"messages": [{"role": "user", "content": "hi"}]}) is None
-    pair = health.prompt_of(fixtures.preference_rows()[1])
+    assert data_prompts.prompt_of({"messages": [{"role": "user", "content": "hi"}]}) is None
+    pair = data_prompts.prompt_of(fixtures.preference_rows()[1])
     assert pair["messages"] == fixtures.preference_rows()[1]["prompt"] and pair["reference"] == "The sky is blue."
 
 
@@ -285,8 +291,8 @@ def test_prompts_load_from_json_lines_and_json_arrays_alike(tmp_path):
     lines = fixtures.write_jsonl(tmp_path / "p.jsonl", rows)
     array = tmp_path / "p.json"
     array.write_text(json.dumps(rows))
-    from_lines = health.load_prompts(lines)
-    assert len(from_lines) == 3 and from_lines == health.load_prompts(array)
+    from_lines = data_prompts.load_prompts(lines)
+    assert len(from_lines) == 3 and from_lines == data_prompts.load_prompts(array)
     assert from_lines[0]["messages"] == rows[0]["messages"][:-1]
 
 

@@ -24,11 +24,11 @@ import yaml
 from helpers import REPO, build_stage_trainer, one_error_line, parse_production_recipe, parse_stage, run_stage
 from safetensors.torch import load_file
 
-from posttrain import fixtures
-from posttrain.chat_template import IM_END, IM_START
-from posttrain.errors import PosttrainError
-from posttrain.recipe import MERGED_DIR, RESOLVED_RECIPE_NAME
-from posttrain.run_dir import claim_output_dir, resume_checkpoint
+from posttrain.conversion.chat_template import IM_END, IM_START
+from posttrain.demo import fixtures
+from posttrain.outputs.errors import PosttrainError
+from posttrain.training.recipe import MERGED_DIR, RESOLVED_RECIPE_NAME
+from posttrain.training.run_dir import claim_output_dir, resume_checkpoint
 
 SFT_SCRIPT = REPO / "posttrain" / "sft.py"
 TWO_TURN = 6  # index of the two-turn conversation in fixtures.sft_rows()
@@ -307,7 +307,7 @@ def test_recipe_yaml_override_and_unknown_keys(tmp_path, tiny_model_dir, sft_dat
 
 
 def test_dataset_mixture_with_weights(tmp_path, tiny_model_dir, sft_data_dir):
-    from posttrain.data import load_datasets, validate_sft_rows
+    from posttrain.data.loading import load_datasets, validate_sft_rows
 
     rows = fixtures.sft_rows()
     fixtures.write_jsonl(tmp_path / "b.jsonl", rows[:4])

@@ -11,9 +11,11 @@ import unicodedata
 import pytest
 from transformers import AutoTokenizer
 
-from posttrain import fixtures, qwen3_tokenizer
-from posttrain.chat_template import CHATML_TEMPLATE, IM_END, load_chat_tokenizer
-from posttrain.errors import PosttrainError
+from posttrain.conversion import qwen3_tokenizer
+from posttrain.conversion.chat_template import CHATML_TEMPLATE, IM_END
+from posttrain.conversion.tokenizer import load_chat_tokenizer
+from posttrain.demo import fixtures
+from posttrain.outputs.errors import PosttrainError
 
 TEXTS = [
     "Hello world! Hello, world.\n",

@@ -23,9 +23,9 @@ import torch
 from helpers import REPO, assert_one_line_error, one_error_line, parse_stage, run_paused, small_tmpfs, tree_hashes
 from safetensors.torch import load_file
 
-from posttrain import fixtures
-from posttrain.errors import PosttrainError
-from posttrain.recipe import RESOLVED_RECIPE_NAME
+from posttrain.demo import fixtures
+from posttrain.outputs.errors import PosttrainError
+from posttrain.training.recipe import RESOLVED_RECIPE_NAME
 
 write_recipe = functools.partial(helpers.write_recipe, "sft")
 SHORT = dict(max_steps=6, save_steps=2, eval_strategy="no", learning_rate=1e-2)
@@ -40,7 +40,7 @@ def run_stage_script(tmp_path: Path, recipe: Path, *argv, patch: str = "", stage
         + textwrap.dedent(
             f"""
             from posttrain import {stage} as stage
-            from posttrain.run_dir import run_stage_cli
+            from posttrain.training.run_dir import run_stage_cli
             import trl
             run_stage_cli(stage.main, trl.SFTConfig if "{stage}" == "sft" else stage.DPOConfig)
             """
@@ -251,7 +251,7 @@ def test_two_runs_into_one_output_dir_at_once_exactly_one_runs(tmp_path, tiny_mo
     out, ready, go = tmp_path / "out", tmp_path / "ready", tmp_path / "go"
     recipe = write_recipe(tmp_path / "r.yaml", tiny_model_dir, sft_data_dir, out, max_steps=2, eval_strategy="no")
     script = REPO / "posttrain" / "sft.py"
-    first = run_paused("posttrain.trainers.build_trainer", [script, recipe], ready, go)
+    first = run_paused("posttrain.training.trainers.build_trainer", [script, recipe], ready, go)
     try:
         while not ready.exists():
             assert first.poll() is None, first.communicate()

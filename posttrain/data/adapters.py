@@ -2,7 +2,7 @@
 
 One pure function per schema, each readable against its dataset card and
 tested on rows written in that schema. An adapter returns the output row or
-raises `Drop(reason)`; `posttrain.prep` counts the reasons in meta.json.
+raises `Drop(reason)`; `posttrain.data.prep` counts the reasons in meta.json.
 
 Conventions shared by every adapter:
 - contents are stripped; a turn with no text is a drop, never a silent skip;
@@ -20,8 +20,8 @@ from __future__ import annotations
 import re
 from collections import defaultdict
 
-from posttrain.chat_template import ROLES, find_control_token
-from posttrain.messages import (
+from posttrain.conversion.chat_template import ROLES, find_control_token
+from posttrain.data.messages import (
     EMPTY_FIELD,
     EMPTY_FINAL_ASSISTANT,
     NO_FINAL_ASSISTANT,

@@ -8,12 +8,13 @@ that is saved at the end is exactly the one that was parsed.
 from __future__ import annotations
 
 import copy
+import os
 from pathlib import Path
 
 import trl
 
-from posttrain.errors import PosttrainError
-from posttrain.recipe import Recipe
+from posttrain.outputs.errors import PosttrainError
+from posttrain.training.recipe import Recipe
 
 
 def model_init_kwargs(model_args, training_args) -> dict:
@@ -69,3 +70,33 @@ def check_model(model_args, training_args) -> None:
                 pass
         except Exception as err:
             raise PosttrainError(f"model {name}: {path.name} is not readable ({str(err).splitlines()[0]})") from None
+
+
+def load_training_tokenizer(model_args, training_args, require_generation_markers: bool = True):
+    """The model directory's tokenizer for a training stage; refuse one whose chat template cannot mask the
+    loss to assistant turns (no `{% generation %}` markers), unless the stage does not need them."""
+    from transformers import AutoTokenizer
+    from trl.chat_template_utils import has_generation_markers
+
+    name = model_args.model_name_or_path
+    if not name:
+        raise PosttrainError("the recipe names no model: set model_name_or_path")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            name, revision=model_args.model_revision, trust_remote_code=training_args.trust_remote_code
+        )
+    except (OSError, ValueError) as err:
+        raise PosttrainError(f"model {name}: cannot load its tokenizer ({str(err).splitlines()[0]})") from None
+    template = tokenizer.chat_template
+    path = getattr(training_args, "chat_template_path", None)
+    if path and path.endswith((".jinja", ".j2")) and os.path.isfile(path):
+        template = Path(path).read_text(encoding="utf-8")
+    if require_generation_markers and not (template and has_generation_markers(template)):
+        raise PosttrainError(
+            f"model {name}: its chat template has no {{% generation %}} markers, so the loss cannot be limited to "
+            "assistant turns; convert the model with convert-checkpoint (it installs the ChatML training template) "
+            "or set chat_template_path to a .jinja template that has them"
+        )
+    if not template:
+        raise PosttrainError(f"model {name}: its tokenizer has no chat template to render the prompts with")
+    return tokenizer

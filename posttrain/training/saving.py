@@ -13,9 +13,9 @@ import os
 import shutil
 from pathlib import Path
 
-from posttrain.atomic import atomic_output_dir
-from posttrain.chat_template import IM_END
-from posttrain.recipe import MERGED_DIR, RESOLVED_RECIPE_NAME, Recipe, save_resolved_recipe
+from posttrain.conversion.chat_template import IM_END
+from posttrain.outputs.atomic import atomic_output_dir
+from posttrain.training.recipe import MERGED_DIR, RESOLVED_RECIPE_NAME, Recipe, save_resolved_recipe
 
 logger = logging.getLogger("posttrain")
 

@@ -27,11 +27,11 @@ import textwrap
 import time
 from pathlib import Path
 
-from posttrain import fixtures
-from posttrain.errors import PosttrainError, run_cli
-from posttrain.qwen3_tokenizer import VOCAB_SIZE as QWEN3_VOCAB_SIZE
+from posttrain.conversion.qwen3_tokenizer import VOCAB_SIZE as QWEN3_VOCAB_SIZE
+from posttrain.demo import fixtures
+from posttrain.outputs.errors import PosttrainError, run_cli
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 MARKER = ".posttrain-demo"  # only a directory the demo made is ever wiped
 MODELS = ("base", "sft", "dpo")
 MAX_NEW_TOKENS = 24
@@ -179,7 +179,7 @@ def compare_replies(
     model_dirs: dict[str, Path],
 ) -> tuple[list[str], dict[str, list[str]], dict[str, int], dict[str, int]]:
     """Greedy replies of each model to the demo prompts, trained and held-out (with the training system prompt)."""
-    from posttrain.chat import generate_turn, load_model
+    from posttrain.generation.generate import generate_turn, load_model
 
     pairs = fixtures.QA_PAIRS + [(q, a) for q, a, _ in HELDOUT_QA]
     prompts = [q for q, _ in pairs]

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from posttrain.chat_template import ENDOFTEXT, IM_END, IM_START, SPECIAL_TOKENS
+from posttrain.conversion.chat_template import ENDOFTEXT, IM_END, IM_START, SPECIAL_TOKENS
 
 # --------------------------------------------------------------------------- data
 
@@ -213,7 +213,7 @@ QWEN3_1_8B_ARGS = dict(
 
 def _rope_tables(block_size: int, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
     """The `rope.cos_cached`, `rope.sin_cached` buffers the source system saves."""
-    from posttrain.source_model import rope_angles
+    from posttrain.conversion.source_model import rope_angles
 
     angles = rope_angles(block_size, head_dim, theta)
     return angles.cos(), angles.sin()

@@ -16,9 +16,9 @@ import json
 import re
 from pathlib import Path
 
-from posttrain.chat_template import find_control_token
-from posttrain.errors import PosttrainError
-from posttrain.messages import DESCRIPTIONS, EMPTY_FINAL_ASSISTANT, UNKNOWN_ROLE, message_problem, reads
+from posttrain.conversion.chat_template import find_control_token
+from posttrain.data.messages import DESCRIPTIONS, EMPTY_FINAL_ASSISTANT, UNKNOWN_ROLE, message_problem, reads
+from posttrain.outputs.errors import PosttrainError
 
 _BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")  # \ud800-\udfff: half of a UTF-16 pair

@@ -1,24 +1,15 @@
-"""Benchmark scores through lm-evaluation-harness, and paired comparisons between models.
+"""Benchmark scores through lm-evaluation-harness.
 
     configs = task_configs(["arc_easy"], {"arc_easy": "arc_easy_test.jsonl"})   # checked, one-line errors
     lm = load_lm("runs/sft", batch_size="8")
     plain = score(lm, configs, chat=False)        # {task: TaskScore}; None off the main process
     chat = score(lm, configs, chat=True, system_prompt="You are ...")
-    comparisons = compare_models({"base": {...}, "sft": {...}})
 
 Every score is the harness's own: its task definitions (prompt format, choices, metrics), its
 `acc` / `acc_norm` and their standard errors, its data-parallel scoring under `accelerate
 launch`. What this module adds is what the harness lacks: a task's hub dataset replaced by a local
 file in the same schema (for clusters without hub access, and for tests), checked before any model
-loads, and paired tests between models scored on the same items. Two models' accuracies of 29.5 and
-29.4 on 1,172 items differ by less than one standard error (about 1.3 points) of either; only a
-paired test, which looks at the items where the two models disagree, says whether such a difference
-is more than noise.
-
-Paired statistics, for each task, scoring mode and metric, from the per-item scores: the
-difference of the means (b - a), a 95% paired-bootstrap percentile interval, and a p-value from
-McNemar's exact test when both models' item scores are 0/1 (acc, acc_norm), else from a paired
-sign-flip permutation test (truthfulqa_mc2's per-item probabilities).
+loads, and the per-item scores kept for the paired tests (posttrain.evaluation.stats).
 """
 
 from __future__ import annotations
@@ -26,14 +17,12 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import functools
-import math
 from pathlib import Path
 
-from posttrain.errors import PosttrainError
+from posttrain.outputs.errors import PosttrainError
 
 DEFAULT_TASKS = ("arc_easy", "arc_challenge", "openbookqa", "truthfulqa_mc2")
 METRICS = ("acc", "acc_norm")
-BOOTSTRAP_SAMPLES = 10_000
 _LOCAL_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 
 
@@ -67,7 +56,7 @@ def required_fields(config: dict) -> set[str]:
 
 def _check_task_file(task: str, path: Path, fields: set[str]) -> None:
     """Every row of a local task file has the fields the task reads (one line naming file, row and field)."""
-    from posttrain.data import check_json_file, read_json_rows
+    from posttrain.data.loading import check_json_file, read_json_rows
 
     if not path.is_file():
         raise PosttrainError(f"task_files: {task}: {path} not found")
@@ -205,99 +194,3 @@ def score(lm, tasks: list, chat: bool, system_prompt: str | None = None, limit: 
             items={m: {int(s["doc_id"]): float(s[m]) for s in samples} for m in names},
         )
     return scores
-
-
-# ------------------------------------------------------------------------------ statistics
-
-
-def mcnemar_exact(a, b) -> float:
-    """Two-sided p-value of McNemar's exact test for paired 0/1 scores: under no difference, the
-    items only one model gets right are as likely to favour either (binomial, p = 1/2)."""
-    only_a = sum(1 for x, y in zip(a, b) if x > y)
-    only_b = sum(1 for x, y in zip(a, b) if y > x)
-    n = only_a + only_b
-    if n == 0:
-        return 1.0
-    tail = sum(math.comb(n, k) for k in range(min(only_a, only_b) + 1))
-    return min(1.0, 2 * tail / 2**n)
-
-
-def _resampled_means(values, samples: int, seed: int, draw):
-    """`samples` means of `draw(rng, chunk, n)`-transformed copies of `values`, in chunks (bounded memory)."""
-    import numpy as np
-
-    rng = np.random.default_rng(seed)
-    out, done, chunk = [], 0, max(1, 2_000_000 // max(1, len(values)))
-    while done < samples:
-        k = min(chunk, samples - done)
-        out.append(draw(rng, k, values).mean(axis=1))
-        done += k
-    return np.concatenate(out)
-
-
-def paired_bootstrap_ci(a, b, samples: int = BOOTSTRAP_SAMPLES, seed: int = 0) -> tuple[float, float]:
-    """95% percentile interval of mean(b - a), resampling items (both models' scores of an item together)."""
-    import numpy as np
-
-    diff = np.asarray(b, dtype=float) - np.asarray(a, dtype=float)
-    means = _resampled_means(diff, samples, seed, lambda rng, k, d: d[rng.integers(0, len(d), size=(k, len(d)))])
-    lo, hi = np.percentile(means, [2.5, 97.5])
-    return float(lo), float(hi)
-
-
-def sign_flip_p(a, b, samples: int = BOOTSTRAP_SAMPLES, seed: int = 0) -> float:
-    """Two-sided p-value of the paired permutation test: under no difference, each item's b - a is as
-    likely to have either sign. Monte Carlo with `samples` sign flips ((hits + 1) / (samples + 1))."""
-    import numpy as np
-
-    diff = np.asarray(b, dtype=float) - np.asarray(a, dtype=float)
-    observed = abs(diff.mean())
-    if not diff.any():
-        return 1.0
-    means = _resampled_means(diff, samples, seed, lambda rng, k, d: d * rng.choice([-1.0, 1.0], size=(k, len(d))))
-    hits = int((np.abs(means) >= observed - 1e-12).sum())
-    return (hits + 1) / (samples + 1)
-
-
-def paired_comparison(a: dict[int, float], b: dict[int, float], seed: int = 0) -> dict:
-    """{delta, ci95, p_value, test, n} of b against a on the items both were scored on."""
-    ids = sorted(set(a) & set(b))
-    if not ids:
-        raise PosttrainError("no item was scored for both models; they cannot be compared")
-    xs, ys = [a[i] for i in ids], [b[i] for i in ids]
-    binary = all(v in (0.0, 1.0) for v in xs + ys)
-    lo, hi = paired_bootstrap_ci(xs, ys, seed=seed)
-    return {
-        "delta": sum(ys) / len(ys) - sum(xs) / len(xs),
-        "ci95": [lo, hi],
-        "p_value": mcnemar_exact(xs, ys) if binary else sign_flip_p(xs, ys, seed=seed),
-        "test": "mcnemar_exact" if binary else "sign_flip_permutation",
-        "n": len(ids),
-    }
-
-
-def model_pairs(names: list[str]) -> list[tuple[str, str]]:
-    """The pairs worth a test, in the order given: each model against the next (base -> SFT, SFT -> DPO)
-    and, with three or more, the first against the last (what the whole pipeline did)."""
-    pairs = list(zip(names, names[1:]))
-    if len(names) > 2:
-        pairs.append((names[0], names[-1]))
-    return pairs
-
-
-def compare_models(scores: dict[str, dict[str, dict[str, TaskScore]]]) -> list[dict]:
-    """Paired comparisons of `scores` ({model: {mode: {task: TaskScore}}}, models in their order) for
-    every task, scoring mode and metric both models of a pair have."""
-    comparisons = []
-    for a, b in model_pairs(list(scores)):
-        for mode in ("plain", "chat"):
-            if mode not in scores[a] or mode not in scores[b]:
-                continue
-            for task, score_a in scores[a][mode].items():
-                score_b = scores[b][mode].get(task)
-                for metric in METRICS:
-                    if score_b is None or metric not in score_a.items or metric not in score_b.items:
-                        continue
-                    stats = paired_comparison(score_a.items[metric], score_b.items[metric])
-                    comparisons.append({"task": task, "mode": mode, "metric": metric, "a": a, "b": b, **stats})
-    return comparisons

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from posttrain.atomic import atomic_write_text
+from posttrain.outputs.atomic import atomic_write_text
 
 SUMMARY_NAME, REPORT_NAME, CHART_NAME, REPLIES_NAME = "summary.json", "report.md", "scores.png", "replies.jsonl"
 MODES = ("plain", "chat")

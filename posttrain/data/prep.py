@@ -24,12 +24,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from posttrain import prep_adapters as adapters
-from posttrain.atomic import atomic_output_dir, check_output_dir, output_lock
-from posttrain.chat_template import find_control_token, load_chat_tokenizer
-from posttrain.data import EmptyRowsError, check_json_file, load_errors, load_source
-from posttrain.errors import PosttrainError, die, run_cli
-from posttrain.lengths import conversation_fits, count_chat_tokens, prompt_fits
+from posttrain.conversion.chat_template import find_control_token
+from posttrain.conversion.tokenizer import load_chat_tokenizer
+from posttrain.data import adapters
+from posttrain.data.lengths import conversation_fits, count_chat_tokens, prompt_fits
+from posttrain.data.loading import EmptyRowsError, check_json_file, load_errors, load_source
+from posttrain.outputs.atomic import atomic_output_dir, check_output_dir
+from posttrain.outputs.errors import PosttrainError, die, run_cli
+from posttrain.outputs.lock import output_lock
 
 MAX_SEED = 2**32 - 1  # numpy's seed range, which datasets' shuffle uses
 

@@ -21,8 +21,8 @@ from pathlib import Path
 import trl
 import yaml
 
-from posttrain.atomic import atomic_write_text
-from posttrain.errors import PosttrainError
+from posttrain.outputs.atomic import atomic_write_text
+from posttrain.outputs.errors import PosttrainError
 
 RESOLVED_RECIPE_NAME = "recipe.resolved.yaml"
 MERGED_DIR = "merged"
@@ -46,7 +46,7 @@ class ScriptArguments(trl.ScriptArguments):
         default=0,
         metadata={
             "help": "At each evaluation, greedy replies to this many held-out prompts of the eval split: logs "
-            "eval_stop_rate, eval_truncated_rate, eval_mean_length, eval_repeat_4gram_rate (posttrain/health.py)."
+            "eval_stop_rate, eval_truncated_rate, eval_mean_length, eval_repeat_4gram_rate (posttrain/training/callbacks.py)."
         },
     )
 

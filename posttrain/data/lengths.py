@@ -44,7 +44,7 @@ def drop_unfit_rows(
     from accelerate import PartialState
     from trl.trainer.utils import global_then_local_main_first
 
-    from posttrain.errors import PosttrainError
+    from posttrain.outputs.errors import PosttrainError
 
     with global_then_local_main_first():
         dataset = dataset.filter(keep, **filter_kwargs)

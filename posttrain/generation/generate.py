@@ -1,0 +1,148 @@
+"""Loading a model directory for generation, and one assistant reply from its chat template.
+
+    model, tokenizer = load_model("runs/dpo", device="cpu")
+    ids, stopped = generate_ids(model, tokenizer, messages, max_new_tokens=256, do_sample=False)
+
+Shared by chat, generation health, evaluation and the demo. A reply stops at `<|im_end|>` (the
+end-of-turn token SFT trains the model to emit) or `<|endoftext|>`. A conversation longer than the
+model's context is refused, never cut silently; max_new_tokens is capped at the room the context
+leaves, with a note.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from posttrain.conversion.chat_template import ENDOFTEXT, IM_END
+from posttrain.data.loading import load_errors
+from posttrain.outputs.errors import PosttrainError
+
+
+def check_device(device: str | None) -> str:
+    """The device to generate on (default: cuda if there is one); one that is not here is one line."""
+    import torch
+
+    if device is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise PosttrainError(f"--device {device!r} is not a device name (cpu, cuda, cuda:N, mps, ...)") from None
+    if dev.type == "cuda":
+        count = torch.cuda.device_count()
+        if count == 0:
+            raise PosttrainError(f"--device {device}: this machine has no CUDA device; use --device cpu")
+        if dev.index is not None and dev.index >= count:
+            raise PosttrainError(
+                f"--device {device}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}"
+            )
+    else:
+        try:
+            torch.empty(0, device=dev)
+        except Exception as err:  # mps, xpu, ... without the hardware or the build
+            raise PosttrainError(f"--device {device} is not available here ({str(err).splitlines()[0]})") from None
+    return device
+
+
+def check_dtype(dtype: str) -> str:
+    """`auto` or the name of a torch floating-point dtype."""
+    import torch
+
+    value = getattr(torch, dtype, None)
+    if dtype != "auto" and not (isinstance(value, torch.dtype) and value.is_floating_point):
+        raise PosttrainError(f"--dtype {dtype!r} is not auto or a floating-point dtype (bfloat16, float16, float32)")
+    return dtype
+
+
+def load_model(model_dir: str | Path, device: str | None = None, dtype: str = "auto"):
+    """Load a Hugging Face model directory and its tokenizer for generation (eval mode)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    model_dir = Path(model_dir)
+    if not (model_dir / "config.json").is_file():
+        raise PosttrainError(f"{model_dir} is not a model directory (no config.json); pass a convert/SFT/DPO output")
+    device, dtype = check_device(device), check_dtype(dtype)
+    with load_errors(f"{model_dir}: its config.json cannot be read"):
+        AutoConfig.from_pretrained(model_dir)
+    with load_errors(f"{model_dir}: its tokenizer cannot be loaded"):
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    if not tokenizer.chat_template:
+        raise PosttrainError(f"{model_dir}: the tokenizer has no chat template; convert it with convert-checkpoint")
+    with load_errors(f"{model_dir}: the model cannot be loaded"):  # a corrupt or truncated weights file, ...
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+    return model.to(device).eval(), tokenizer
+
+
+def _stop_token_ids(tokenizer) -> list[int]:
+    """End of turn (`<|im_end|>`) and end of text both stop a reply."""
+    vocab = tokenizer.get_vocab()
+    ids = {tokenizer.eos_token_id, vocab.get(IM_END), vocab.get(ENDOFTEXT)}
+    return sorted(i for i in ids if i is not None)
+
+
+def generate_ids(
+    model,
+    tokenizer,
+    messages: list[dict],
+    max_new_tokens: int = 256,
+    do_sample: bool = True,
+    temperature: float = 0.7,
+    top_p: float = 0.9,
+    streamer=None,
+    **generate_kwargs,
+) -> tuple[list[int], bool]:
+    """(the token ids of the assistant's next message, its stop token included; whether it ended with one);
+    `generate_kwargs` go to model.generate."""
+    import torch
+
+    inputs = tokenizer.apply_chat_template(
+        messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
+    ).to(model.device)
+    n_prompt, context = inputs["input_ids"].shape[1], model.config.max_position_embeddings
+    if n_prompt >= context:
+        raise PosttrainError(
+            f"the conversation is {n_prompt} tokens, and the model's context is {context}: no room for a reply"
+        )
+    if n_prompt + max_new_tokens > context:
+        print(
+            f"note: --max-new-tokens {max_new_tokens} capped at {context - n_prompt}: the conversation takes "
+            f"{n_prompt} of the model's {context} context tokens",
+            file=sys.stderr,
+        )
+        max_new_tokens = context - n_prompt
+    sampling = dict(do_sample=True, temperature=temperature, top_p=top_p) if do_sample else dict(do_sample=False)
+    stop = _stop_token_ids(tokenizer)
+    with torch.inference_mode():
+        output = model.generate(
+            **inputs,
+            max_new_tokens=max_new_tokens,
+            eos_token_id=stop,
+            pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop[0],
+            streamer=streamer,
+            **sampling,
+            **generate_kwargs,
+        )
+    new_tokens = output[0, inputs["input_ids"].shape[1] :].tolist()
+    return new_tokens, len(new_tokens) > 0 and new_tokens[-1] in stop
+
+
+def generate_turn(model, tokenizer, messages: list[dict], **kwargs) -> tuple[str, bool]:
+    """(the assistant's next message without special tokens, whether it ended with a stop token);
+    kwargs as generate_ids."""
+    new_tokens, stopped = generate_ids(model, tokenizer, messages, **kwargs)
+    return tokenizer.decode(new_tokens, skip_special_tokens=True).strip(), stopped
+
+
+def generate_reply(model, tokenizer, messages: list[dict], **kwargs) -> str:
+    """The assistant's next message for `messages` (role/content dicts); kwargs as generate_turn."""
+    return generate_turn(model, tokenizer, messages, **kwargs)[0]
+
+
+def check_text(text: str, what: str) -> str:
+    """Refuse text that cannot be encoded (argv or input bytes Python could only decode to lone surrogates)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise PosttrainError(f"{what} is not valid UTF-8 text") from None
+    return text

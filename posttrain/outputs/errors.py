@@ -1,0 +1,91 @@
+"""One kind of error for bad input, printed as a single line with a non-zero exit.
+
+Library errors (tracebacks) are for bugs; a user who gave a wrong path, key or file should read one line
+that names it and says what to do. Ctrl-C is one line too, with the shell's exit status for it (130).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import re
+import shutil
+import sys
+from collections.abc import Callable
+from typing import NoReturn
+
+EXIT_BAD_INPUT = 2
+EXIT_INTERRUPTED = 130
+
+
+class PosttrainError(Exception):
+    """An input problem the user can fix (bad file, key, shape, value)."""
+
+    exit_code = EXIT_BAD_INPUT
+    prefix = "error"
+
+
+class Interrupted(PosttrainError):
+    """The user stopped the run (Ctrl-C); the message says what was kept."""
+
+    exit_code = EXIT_INTERRUPTED
+    prefix = "interrupted"
+
+
+def die(message: str, exit_code: int = EXIT_BAD_INPUT, prefix: str = "error") -> NoReturn:
+    print(f"{prefix}: {message}", file=sys.stderr)
+    raise SystemExit(exit_code)
+
+
+def run_cli(main: Callable[[], object]) -> None:
+    """Run a CLI entry point; a PosttrainError becomes one line on stderr and exit 2, Ctrl-C exit 130."""
+    try:
+        main()
+    except PosttrainError as err:
+        die(str(err).replace("\n", " "), err.exit_code, err.prefix)
+    except KeyboardInterrupt:
+        die("stopped by Ctrl-C; no output was written", EXIT_INTERRUPTED, Interrupted.prefix)
+
+
+# ------------------------------------------------------------------ file-system faults as one line
+
+_FS_REASONS = {
+    errno.ENOSPC: "no space left on the device",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EROFS: "read-only file system",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "operation not permitted",
+    errno.ENOTDIR: "a parent is not a directory",
+    errno.EEXIST: "a parent is not a directory",
+}
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError  # unreachable
+
+
+def os_errno(err: BaseException) -> int | None:
+    """The errno of an OSError, or of a library error that only quotes it ("... (os error 28)", as
+    safetensors' and tokenizers' Rust I/O errors do)."""
+    if isinstance(err, OSError) and err.errno:
+        return err.errno
+    found = re.search(r"\(os error (\d+)\)", str(err))
+    return int(found.group(1)) if found else None
+
+
+def file_system_error(err: BaseException, what: str, where: str | os.PathLike) -> PosttrainError | None:
+    """One line for a write that failed for a reason of the file system (full, read-only, not
+    permitted, a parent that is a file) at `where`; None for any other error."""
+    code = os_errno(err)
+    if code not in _FS_REASONS:
+        return None
+    detail = ""
+    if code in (errno.ENOSPC, errno.EDQUOT):
+        with contextlib.suppress(OSError):
+            detail = f", {human_bytes(shutil.disk_usage(where).free)} free there"
+    return PosttrainError(f"cannot write {what}: {_FS_REASONS[code]} ({where}{detail})")
