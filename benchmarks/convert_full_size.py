@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from posttrain import fixtures
+from posttrain.demo import fixtures
 
 RESULTS = Path(__file__).parent / "results" / "convert_full_size.json"
 

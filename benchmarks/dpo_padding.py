@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import statistics
@@ -45,34 +44,26 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
-from recipe_figures import DPO_TRAIN_PAIRS  # noqa: E402
+from common import (  # noqa: E402
+    CHOSEN,
+    CORRELATION,
+    PROMPT,
+    REJECTED,
+    RESPONSE_SIGMA,
+    StepTimer,
+    preference_dataset,
+    tiny_model,
+    ultrafeedback_lengths,
+)
 
-from posttrain.dpo_batching import pair_length  # noqa: E402
+from posttrain.training.dpo_batching import pair_length  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "dpo_padding.json"
 MAX_LENGTH = 2048
 PAIRS_PER_GPU, ACCUMULATION = 2, 8  # recipes/dpo.yaml
-PROMPT = (110, 0.9)  # log-normal (median, sigma) in tokens
-CHOSEN, REJECTED, RESPONSE_SIGMA = 230, 190, 0.75
-CORRELATION = 0.3  # of the chosen and rejected log-lengths
 SAMPLE_PAIRS = 96  # for the CPU throughput runs ...
 CPU_SCALE = 4  # ... whose lengths (and max_length) are divided by 4: a masked 4 x 1,300-token step of the
 # tiny model takes ~5 s on this shared CPU; padding fractions do not depend on the scale
-
-
-def ultrafeedback_lengths(n: int = DPO_TRAIN_PAIRS, correlation: float = CORRELATION, seed: int = 0):
-    """(prompt, chosen, rejected) token counts under the assumption in the module docstring."""
-    gen = torch.Generator().manual_seed(seed)
-    z_prompt, z_shared, z_chosen, z_rejected = torch.randn(4, n, generator=gen)
-
-    def lognormal(median, sigma, z, floor):
-        return (math.log(median) + sigma * z).exp().round().clamp(min=floor).long().tolist()
-
-    a, b = math.sqrt(correlation), math.sqrt(1 - correlation)
-    prompt = lognormal(*PROMPT, z_prompt, floor=30)  # the system prompt and scaffolding alone are ~30
-    chosen = lognormal(CHOSEN, RESPONSE_SIGMA, a * z_shared + b * z_chosen, floor=2)
-    rejected = lognormal(REJECTED, RESPONSE_SIGMA, a * z_shared + b * z_rejected, floor=2)
-    return list(zip(prompt, chosen, rejected))
 
 
 def padding_fraction(pairs, order: list[int], pairs_per_batch: int, max_length: int = MAX_LENGTH) -> float:
@@ -109,31 +100,12 @@ def padding(pairs) -> dict:
     return result
 
 
-def preference_dataset(pairs, tokenizer):
-    """Text rows TRL tokenizes to exactly the (prompt, chosen, rejected) token counts of `pairs`:
-    a word that is one token in the fixture tokenizer, repeated (non-conversational rows; TRL
-    appends eos to each response, hence one word fewer)."""
-    import datasets
-
-    word = " the"
-    assert len(tokenizer(word * 7, add_special_tokens=False)["input_ids"]) == 7
-    return datasets.Dataset.from_dict(
-        {
-            "prompt": [word * p for p, _, _ in pairs],
-            "chosen": [word * (c - 1) for _, c, _ in pairs],
-            "rejected": [word * (r - 1) for _, _, r in pairs],
-        }
-    )
-
-
 def tiny_dpo_throughput(pairs, strategy: str) -> dict:
     """Real tokens/s of DPO steps (tiny model, CPU, live reference) over `pairs` in one epoch, timed after
     the first step; also the padding fraction of the batches TRL's collator really built."""
-    from sft_packing import tiny_model
-    from step_timer import StepTimer
 
+    from posttrain.demo.fixtures import build_tokenizer
     from posttrain.dpo import DPOConfig, PreferenceTrainer
-    from posttrain.fixtures import build_tokenizer
 
     tokenizer = build_tokenizer()
     seen = {"real": 0, "processed": 0}
@@ -178,7 +150,7 @@ def tiny_dpo_throughput(pairs, strategy: str) -> dict:
 
 def prepared_lengths(data_dir: str, tokenizer_dir: str):
     """(prompt, chosen, rejected) token counts of a data_scripts preference directory's train.jsonl."""
-    from posttrain.chat_template import load_chat_tokenizer
+    from posttrain.conversion.tokenizer import load_chat_tokenizer
 
     tok = load_chat_tokenizer(tokenizer_dir)
     rows = [json.loads(line) for line in open(Path(data_dir) / "train.jsonl", encoding="utf-8")]

@@ -40,6 +40,17 @@ import tempfile
 import time
 from pathlib import Path
 
+from common import (
+    DPO_TRAIN_PAIRS,
+    StepTimer,
+    computed_figures,
+    model_config,
+    param_count,
+    preference_dataset,
+    train_flops_per_token,
+    ultrafeedback_lengths,
+)
+
 BENCHMARKS = Path(__file__).resolve().parent
 RESULTS = BENCHMARKS / "results" / "gpu.json"
 GPUS = 8
@@ -62,36 +73,6 @@ PEAK_TFLOPS = {
 
 
 # --------------------------------------------------------------------------- arithmetic (tested on CPU)
-
-
-def model_config(**source_overrides):
-    """The converted Qwen3-1.8B's LlamaConfig, as convert-checkpoint writes it; `source_overrides` change
-    fields of the source model_args (the tests and --smoke: a tiny shape)."""
-    from posttrain.convert import llama_config
-    from posttrain.fixtures import QWEN3_1_8B_ARGS
-
-    return llama_config({**QWEN3_1_8B_ARGS, **source_overrides}, "bfloat16")
-
-
-def param_count(c) -> int:
-    """Parameters of a LlamaForCausalLM, from its config alone."""
-    E, F, V, L = c.hidden_size, c.intermediate_size, c.vocab_size, c.num_hidden_layers
-    kv = c.num_key_value_heads * (E // c.num_attention_heads)
-    layer = 2 * E * E + 2 * E * kv + 3 * E * F + 2 * E  # q, o; k, v; gate, up, down; two RMSNorms
-    return V * E + L * layer + E + (0 if c.tie_word_embeddings else V * E)
-
-
-def matmul_params(c) -> int:
-    """The parameters a token is multiplied by: all but the input embedding (a lookup) and the norms."""
-    return (
-        param_count(c)
-        - (0 if c.tie_word_embeddings else c.vocab_size * c.hidden_size)
-        - (2 * c.num_hidden_layers + 1) * c.hidden_size
-    )
-
-
-def train_flops_per_token(c) -> float:
-    return 6 * matmul_params(c)
 
 
 def peak_tflops(device_name: str) -> float | None:
@@ -192,10 +173,9 @@ def trainer_args(config_cls, out: str, device: Device, steps: int, **kwargs):
 
 def measure_sft(config, device: Device, attn: str, args) -> dict:
     import datasets
-    from step_timer import StepTimer
     from trl import SFTConfig, SFTTrainer
 
-    from posttrain.fixtures import alpaca_lengths, build_tokenizer, random_token_rows
+    from posttrain.demo.fixtures import alpaca_lengths, build_tokenizer, random_token_rows
 
     device.reset()
     steps = args.warmup + args.steps
@@ -226,11 +206,9 @@ def measure_sft(config, device: Device, attn: str, args) -> dict:
 
 
 def measure_dpo(config, device: Device, precompute: bool, args) -> dict:
-    from dpo_padding import preference_dataset, ultrafeedback_lengths
-    from step_timer import StepTimer
 
+    from posttrain.demo.fixtures import build_tokenizer
     from posttrain.dpo import DPOConfig, PreferenceTrainer
-    from posttrain.fixtures import build_tokenizer
 
     class TimedTrainer(PreferenceTrainer):
         reference_seconds = 0.0
@@ -292,7 +270,7 @@ def measure_eval(config, device: Device, args) -> dict | None:
     from lm_eval.api.instance import Instance
     from lm_eval.models.huggingface import HFLM
 
-    from posttrain.fixtures import build_tokenizer
+    from posttrain.demo.fixtures import build_tokenizer
 
     device.reset()
     gen = torch.Generator().manual_seed(0)
@@ -322,7 +300,6 @@ def measure_eval(config, device: Device, args) -> dict | None:
 
 def implied_wall_times(sft_tokens_per_s: float, dpo: dict, eval_rps: float | None) -> dict:
     """The production recipes on 8 GPUs at the measured rates (one GPU's rate x 8)."""
-    from recipe_figures import DPO_TRAIN_PAIRS, computed_figures
 
     sft, dpo_figures = computed_figures("sft"), computed_figures("dpo")
     live, pre = dpo["live"], dpo["precomputed"]

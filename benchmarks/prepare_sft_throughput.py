@@ -16,7 +16,6 @@ import argparse
 import json
 import os
 import platform
-import random
 import resource
 import subprocess
 import sys
@@ -24,32 +23,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from posttrain.fixtures import save_tokenizer, write_jsonl
+from common import alpaca_rows
+
+from posttrain.demo.fixtures import save_tokenizer, write_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
-WORDS = (
-    "the a of to and in is for that with on as be by this it are from at or an can you your which have more "
-    "data model water energy plant city write explain list describe give three example reason history story "
-    "healthy food people time world number simple sentence paragraph answer question first second important"
-).split()
-
-
-def alpaca_rows(n: int, seed: int = 0) -> list[dict]:
-    """Alpaca-like lengths: instruction ~10 words, input on ~1/3 of rows ~12 words, output ~45 words."""
-    rng = random.Random(seed)
-
-    def words(k: int) -> str:
-        return " ".join(rng.choice(WORDS) for _ in range(max(1, int(rng.expovariate(1 / k)) + 1)))
-
-    rows = []
-    for i in range(n):
-        instruction = f"{words(10).capitalize()} (task {i})."
-        extra = words(12) if rng.random() < 0.35 else ""
-        output = words(45).capitalize() + "."
-        rows.append(
-            {"instruction": instruction, "input": extra, "output": output, "text": f"{instruction}\n{extra}\n{output}"}
-        )
-    return rows
 
 
 def main() -> None:

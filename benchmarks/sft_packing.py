@@ -4,7 +4,7 @@
     python benchmarks/sft_packing.py      # prints, and writes benchmarks/results/sft_packing.json
 
 1. Padding efficiency (real tokens / processed tokens) of 52,002 synthetic Alpaca-shaped
-   conversation lengths (posttrain.fixtures.alpaca_lengths: mean ~110, tail to 1,120), batched
+   conversation lengths (posttrain.demo.fixtures.alpaca_lengths: mean ~110, tail to 1,120), batched
    the three ways that matter:
    - every conversation padded to 2048 (fixed-width batches, no packing);
    - TRL without packing: shuffled batches of 4, each padded to its longest conversation
@@ -36,8 +36,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
+from common import StepTimer, model_config, param_count, tiny_model  # noqa: E402
 
-from posttrain.fixtures import alpaca_lengths, build_tokenizer, random_token_rows  # noqa: E402
+from posttrain.demo.fixtures import alpaca_lengths, build_tokenizer, random_token_rows  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "sft_packing.json"
 SEQ = 2048  # max_length of the production recipe
@@ -69,22 +70,10 @@ def padding_efficiency(lengths: list[int]) -> dict:
     }
 
 
-def tiny_model():
-    """The tests' tiny model (posttrain.fixtures), with room for rows of SEQ tokens."""
-    from transformers import LlamaForCausalLM
-
-    from posttrain.convert import llama_config
-    from posttrain.fixtures import tiny_model_args
-
-    torch.manual_seed(0)
-    return LlamaForCausalLM(llama_config(tiny_model_args(block_size=SEQ), "float32"))
-
-
 def throughput(rows: list[list[int]], **sft_args) -> dict:
     """Real tokens/s of SFTTrainer steps over `rows` (pre-tokenized; labels = input_ids), one epoch,
     timed after the first step (lazy initialisation) from the tokens TRL itself counts."""
     import datasets
-    from step_timer import StepTimer
     from trl import SFTConfig, SFTTrainer
 
     timer = StepTimer(skip=1)
@@ -122,7 +111,6 @@ def modelled_compute(lengths: list[int], packed_rows: int) -> dict:
     (sdpa then computes every entry), 6 x L^2 x hidden per sequence for a causal varlen kernel
     (flash-attention computes only each conversation's own lower triangle).
     """
-    from gpu import model_config, param_count
 
     c = model_config()
     E, layers = c.hidden_size, c.num_hidden_layers

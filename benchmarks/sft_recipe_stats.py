@@ -29,9 +29,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-from prepare_sft_throughput import alpaca_rows
+from common import alpaca_rows
 
-from posttrain.fixtures import write_jsonl
+from posttrain.demo.fixtures import write_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results" / "sft_recipe_stats.json"
@@ -68,7 +68,7 @@ def main(argv=None) -> None:
 
     from datasets.utils.logging import disable_progress_bar
 
-    from posttrain.chat_template import load_chat_tokenizer
+    from posttrain.conversion.tokenizer import load_chat_tokenizer
 
     disable_progress_bar()
     with tempfile.TemporaryDirectory() as tmp:

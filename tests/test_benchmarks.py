@@ -20,17 +20,18 @@ def gpu(monkeypatch):
 
 
 def test_parameters_and_flops_per_token(gpu):
+    import common
     from transformers import LlamaForCausalLM
 
     real = gpu.model_config()
     assert gpu.param_count(real) == REAL_PARAMS
-    assert gpu.matmul_params(real) == REAL_PARAMS - 151_669 * 2048 - 49 * 2048  # no input embedding, no norms
-    assert gpu.train_flops_per_token(real) == 6 * gpu.matmul_params(real)
+    assert common.matmul_params(real) == REAL_PARAMS - 151_669 * 2048 - 49 * 2048  # no input embedding, no norms
+    assert gpu.train_flops_per_token(real) == 6 * common.matmul_params(real)
     tiny = gpu.model_config(**{**gpu.TINY, "num_key_value_heads": 2})  # GQA counts too
     model = LlamaForCausalLM(tiny)
     assert gpu.param_count(tiny) == sum(p.numel() for p in model.parameters())
     linear = sum(m.weight.numel() for m in model.modules() if type(m).__name__ == "Linear")
-    assert gpu.matmul_params(tiny) == linear
+    assert common.matmul_params(tiny) == linear
 
 
 def test_mfu_and_peaks(gpu):

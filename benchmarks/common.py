@@ -1,0 +1,231 @@
+"""What the benchmarks share: the real model's shape and FLOPs model, the tiny model, a step timer,
+the synthetic data shapes, and the production recipes' batch arithmetic.
+
+Every benchmark imports from here and from no other benchmark, so nothing imports in a circle.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import re
+import time
+from pathlib import Path
+
+import torch
+import yaml
+from transformers import TrainerCallback
+
+# ------------------------------------------------------------------ the real shape and its FLOPs
+
+
+def model_config(**source_overrides):
+    """The converted Qwen3-1.8B's LlamaConfig, as convert-checkpoint writes it; `source_overrides` change
+    fields of the source model_args (the tests and --smoke: a tiny shape)."""
+    from posttrain.conversion.source_format import llama_config
+    from posttrain.demo.fixtures import QWEN3_1_8B_ARGS
+
+    return llama_config({**QWEN3_1_8B_ARGS, **source_overrides}, "bfloat16")
+
+
+def param_count(c) -> int:
+    """Parameters of a LlamaForCausalLM, from its config alone."""
+    E, F, V, L = c.hidden_size, c.intermediate_size, c.vocab_size, c.num_hidden_layers
+    kv = c.num_key_value_heads * (E // c.num_attention_heads)
+    layer = 2 * E * E + 2 * E * kv + 3 * E * F + 2 * E  # q, o; k, v; gate, up, down; two RMSNorms
+    return V * E + L * layer + E + (0 if c.tie_word_embeddings else V * E)
+
+
+def matmul_params(c) -> int:
+    """The parameters a token is multiplied by: all but the input embedding (a lookup) and the norms."""
+    return (
+        param_count(c)
+        - (0 if c.tie_word_embeddings else c.vocab_size * c.hidden_size)
+        - (2 * c.num_hidden_layers + 1) * c.hidden_size
+    )
+
+
+def train_flops_per_token(c) -> float:
+    return 6 * matmul_params(c)
+
+
+# ----------------------------------------------------------------------------- the tiny model
+
+SEQ = 2048  # max_length of both production recipes
+
+
+def tiny_model():
+    """The tests' tiny model (posttrain.demo.fixtures), with room for rows of SEQ tokens."""
+    from transformers import LlamaForCausalLM
+
+    from posttrain.conversion.source_format import llama_config
+    from posttrain.demo.fixtures import tiny_model_args
+
+    torch.manual_seed(0)
+    return LlamaForCausalLM(llama_config(tiny_model_args(block_size=SEQ), "float32"))
+
+
+# ----------------------------------------------------------------------------- timing steps
+
+
+class StepTimer(TrainerCallback):
+    """A Trainer callback that times training steps after a warm-up.
+
+        timer = StepTimer(skip=1); trainer = XTrainer(..., callbacks=[timer]); timer.trainer = trainer
+        trainer.train(); timer.figures()  # steps, seconds, real tokens/s
+
+    The first steps pay for lazy initialisation (kernels, allocator, the optimizer state), so the
+    clock starts after `skip` of them. Tokens are the ones TRL's trainers count themselves
+    (`_total_train_tokens`: the attention mask's ones, i.e. real tokens). On a GPU, `sync` (e.g.
+    torch.cuda.synchronize) makes the clock wait for the queued kernels.
+    """
+
+    def __init__(self, skip: int = 1, sync=None):
+        self.skip, self.sync, self.trainer = skip, sync or (lambda: None), None
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.skip:
+            self.sync()
+            self.t0, self.tokens0 = time.perf_counter(), self.trainer._total_train_tokens
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.sync()
+        self.seconds = time.perf_counter() - self.t0
+        self.tokens = self.trainer._total_train_tokens - self.tokens0
+        self.steps = state.global_step - self.skip
+        self.trainer = None  # the trainer holds the model and optimizer: let them be freed
+
+    def figures(self) -> dict:
+        """What the benchmarks report of a timed run."""
+        return {"timed_steps": self.steps, "seconds": self.seconds, "real_tokens_per_s": self.tokens / self.seconds}
+
+
+# -------------------------------------------------------------------- synthetic data shapes
+
+# Preference pairs shaped like UltraFeedback's in the Qwen tokenizer (an assumption: see dpo_padding.py).
+PROMPT = (110, 0.9)  # log-normal (median, sigma) in tokens
+CHOSEN, REJECTED, RESPONSE_SIGMA = 230, 190, 0.75
+CORRELATION = 0.3  # of the chosen and rejected log-lengths
+
+
+def ultrafeedback_lengths(n: int | None = None, correlation: float = CORRELATION, seed: int = 0):
+    """(prompt, chosen, rejected) token counts under the assumption in the module docstring."""
+    n = DPO_TRAIN_PAIRS if n is None else n
+    gen = torch.Generator().manual_seed(seed)
+    z_prompt, z_shared, z_chosen, z_rejected = torch.randn(4, n, generator=gen)
+
+    def lognormal(median, sigma, z, floor):
+        return (math.log(median) + sigma * z).exp().round().clamp(min=floor).long().tolist()
+
+    a, b = math.sqrt(correlation), math.sqrt(1 - correlation)
+    prompt = lognormal(*PROMPT, z_prompt, floor=30)  # the system prompt and scaffolding alone are ~30
+    chosen = lognormal(CHOSEN, RESPONSE_SIGMA, a * z_shared + b * z_chosen, floor=2)
+    rejected = lognormal(REJECTED, RESPONSE_SIGMA, a * z_shared + b * z_rejected, floor=2)
+    return list(zip(prompt, chosen, rejected))
+
+
+def preference_dataset(pairs, tokenizer):
+    """Text rows TRL tokenizes to exactly the (prompt, chosen, rejected) token counts of `pairs`:
+    a word that is one token in the fixture tokenizer, repeated (non-conversational rows; TRL
+    appends eos to each response, hence one word fewer)."""
+    import datasets
+
+    word = " the"
+    assert len(tokenizer(word * 7, add_special_tokens=False)["input_ids"]) == 7
+    return datasets.Dataset.from_dict(
+        {
+            "prompt": [word * p for p, _, _ in pairs],
+            "chosen": [word * (c - 1) for _, c, _ in pairs],
+            "rejected": [word * (r - 1) for _, _, r in pairs],
+        }
+    )
+
+
+WORDS = (
+    "the a of to and in is for that with on as be by this it are from at or an can you your which have more "
+    "data model water energy plant city write explain list describe give three example reason history story "
+    "healthy food people time world number simple sentence paragraph answer question first second important"
+).split()
+
+
+def alpaca_rows(n: int, seed: int = 0) -> list[dict]:
+    """Alpaca-like lengths: instruction ~10 words, input on ~1/3 of rows ~12 words, output ~45 words."""
+    rng = random.Random(seed)
+
+    def words(k: int) -> str:
+        return " ".join(rng.choice(WORDS) for _ in range(max(1, int(rng.expovariate(1 / k)) + 1)))
+
+    rows = []
+    for i in range(n):
+        instruction = f"{words(10).capitalize()} (task {i})."
+        extra = words(12) if rng.random() < 0.35 else ""
+        output = words(45).capitalize() + "."
+        rows.append(
+            {"instruction": instruction, "input": extra, "output": output, "text": f"{instruction}\n{extra}\n{output}"}
+        )
+    return rows
+
+
+# ------------------------------------------------------------- the recipes' batch arithmetic
+
+REPO = Path(__file__).resolve().parents[1]
+RECIPES = {"sft": REPO / "recipes" / "sft.yaml", "dpo": REPO / "recipes" / "dpo.yaml"}
+LAUNCH_CONFIG = REPO / "accelerate_configs" / "zero2.yaml"  # what both recipes' headers launch with
+SFT_STATS = REPO / "benchmarks" / "results" / "sft_recipe_stats.json"
+ULTRAFEEDBACK_PAIRS = 60_917  # argilla/ultrafeedback-binarized-preferences-cleaned, as data_scripts reads it
+DPO_VAL_SPLIT = 0.05  # data_scripts/prepare_dpo.py's default
+DPO_TRAIN_PAIRS = ULTRAFEEDBACK_PAIRS - round(ULTRAFEEDBACK_PAIRS * DPO_VAL_SPLIT)
+
+FIGURE_LINE = re.compile(r"^#\s{3}([a-z][a-z ]*[a-z])\s{2,}([\d,]+)\s*$")
+
+
+def stated_figures(recipe: Path) -> dict[str, int]:
+    """The `#   name   number` lines of a recipe's comments."""
+    figures = {}
+    for line in recipe.read_text().splitlines():
+        m = FIGURE_LINE.match(line)
+        if m:
+            figures[m.group(1)] = int(m.group(2).replace(",", ""))
+    return figures
+
+
+def gpus(launch_config: Path = LAUNCH_CONFIG) -> int:
+    config = yaml.safe_load(launch_config.read_text())
+    return config["num_processes"] * config.get("num_machines", 1)
+
+
+def updates_per_epoch(examples: int, per_device: int, accumulation: int, processes: int) -> int:
+    """As the Trainer counts them: each process gets ceil(batches / processes) micro-batches (accelerate
+    evens them out), and a last partial accumulation still makes an update."""
+    micro_batches = math.ceil(math.ceil(examples / per_device) / processes)
+    return math.ceil(micro_batches / accumulation)
+
+
+def warmup_updates(warmup_steps: float, total_updates: int) -> int:
+    """transformers' get_warmup_steps: a value below 1 is a fraction of all updates."""
+    return math.ceil(total_updates * warmup_steps) if warmup_steps < 1 else int(warmup_steps)
+
+
+def computed_figures(stage: str, recipe_path: Path | None = None, stats_path: Path = SFT_STATS) -> dict[str, int]:
+    recipe = yaml.safe_load((recipe_path or RECIPES[stage]).read_text())
+    n = gpus()
+    per_device, accumulation = recipe["per_device_train_batch_size"], recipe["gradient_accumulation_steps"]
+    per_update = per_device * accumulation * n
+    if stage == "sft":
+        stats = json.loads(stats_path.read_text())
+        rows, tokens = stats["packing"]["packed_rows"], stats["real_tokens_per_epoch"]
+        per_epoch = updates_per_epoch(rows, per_device, accumulation, n)
+        figures = {
+            "conversations per update": round(per_update * stats["packing"]["conversations_per_row"]),
+            "real tokens per update": round(tokens / rows * per_update),
+        }
+    else:
+        per_epoch = updates_per_epoch(DPO_TRAIN_PAIRS, per_device, accumulation, n)
+        figures = {"pairs per update": per_update}
+    total = per_epoch * recipe["num_train_epochs"]
+    return figures | {
+        "updates per epoch": per_epoch,
+        "updates in all": total,
+        "warmup updates": warmup_updates(recipe["warmup_steps"], total),
+    }
