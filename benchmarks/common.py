@@ -68,6 +68,14 @@ def tiny_model():
 
 # ----------------------------------------------------------------------------- timing steps
 
+# What every timed run shares: no tracker, no checkpoint, no log line or progress bar inside the clock.
+QUIET = dict(report_to="none", save_strategy="no", logging_steps=10_000, disable_tqdm=True, seed=0)
+
+
+def timed_run_args(config_cls, output_dir: str, **kwargs):
+    """A TRL config (SFTConfig, DPOConfig) for a timed benchmark run: QUIET plus `kwargs`."""
+    return config_cls(output_dir=output_dir, **{**QUIET, **kwargs})
+
 
 class StepTimer(TrainerCallback):
     """A Trainer callback that times training steps after a warm-up.

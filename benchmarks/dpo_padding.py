@@ -52,6 +52,7 @@ from common import (  # noqa: E402
     RESPONSE_SIGMA,
     StepTimer,
     preference_dataset,
+    timed_run_args,
     tiny_model,
     ultrafeedback_lengths,
 )
@@ -111,20 +112,16 @@ def tiny_dpo_throughput(pairs, strategy: str) -> dict:
     seen = {"real": 0, "processed": 0}
     timer = StepTimer(skip=1)
     with tempfile.TemporaryDirectory() as out:
-        args = DPOConfig(
-            output_dir=out,
+        args = timed_run_args(
+            DPOConfig,
+            out,
             per_device_train_batch_size=PAIRS_PER_GPU,
             gradient_accumulation_steps=1,
             max_length=MAX_LENGTH // CPU_SCALE,
             train_sampling_strategy=strategy,
             num_train_epochs=1,
             learning_rate=1e-5,
-            report_to="none",
-            save_strategy="no",
-            logging_steps=10_000,
-            disable_tqdm=True,
             use_cpu=True,
-            seed=0,
         )
         trainer = PreferenceTrainer(
             model=tiny_model(),

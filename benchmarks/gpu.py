@@ -47,6 +47,7 @@ from common import (
     model_config,
     param_count,
     preference_dataset,
+    timed_run_args,
     train_flops_per_token,
     ultrafeedback_lengths,
 )
@@ -151,8 +152,9 @@ class Device:
 
 
 def trainer_args(config_cls, out: str, device: Device, steps: int, **kwargs):
-    return config_cls(
-        output_dir=out,
+    return timed_run_args(
+        config_cls,
+        out,
         bf16=device.cuda,
         use_cpu=not device.cuda,
         max_length=SEQ if device.cuda else 64,
@@ -162,11 +164,6 @@ def trainer_args(config_cls, out: str, device: Device, steps: int, **kwargs):
         learning_rate=1e-6,
         adam_beta2=0.95,
         max_grad_norm=1.0,
-        report_to="none",
-        save_strategy="no",
-        logging_steps=10_000,
-        disable_tqdm=True,
-        seed=0,
         **kwargs,
     )
 

@@ -36,7 +36,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
-from common import StepTimer, model_config, param_count, tiny_model  # noqa: E402
+from common import StepTimer, model_config, param_count, timed_run_args, tiny_model  # noqa: E402
 
 from posttrain.demo.fixtures import alpaca_lengths, build_tokenizer, random_token_rows  # noqa: E402
 
@@ -78,18 +78,8 @@ def throughput(rows: list[list[int]], **sft_args) -> dict:
 
     timer = StepTimer(skip=1)
     with tempfile.TemporaryDirectory() as out:
-        args = SFTConfig(
-            output_dir=out,
-            bf16=False,
-            activation_checkpointing=False,
-            max_length=SEQ,
-            num_train_epochs=1,
-            report_to="none",
-            save_strategy="no",
-            logging_steps=10_000,
-            disable_tqdm=True,
-            seed=0,
-            **sft_args,
+        args = timed_run_args(
+            SFTConfig, out, bf16=False, activation_checkpointing=False, max_length=SEQ, num_train_epochs=1, **sft_args
         )
         trainer = SFTTrainer(
             model=tiny_model(),
