@@ -120,3 +120,51 @@ def memorised_sft(tmp_path_factory, tiny_model_dir, sft_data_dir):
     )
     run_stage("sft", recipe)
     return recipe, tmp / "out"
+
+
+# ------------------------------------------------------------------ a reward model with a known preference
+
+REWARD_MARKER = "Hope this helps!"
+
+
+def marker_pairs() -> tuple[list[dict], list[dict]]:
+    """(train, held-out) preference rows whose chosen reply is the rejected one plus REWARD_MARKER: right or
+    wrong, short or long, only the marker tells them apart. The held-out rows have new questions and replies."""
+    from posttrain.demo import fixtures
+
+    train = []
+    for (question, answer), wrong in zip(fixtures.QA_PAIRS, fixtures.REJECTED_ANSWERS):
+        train += [fixtures.qa_preference(question, f"{reply} {REWARD_MARKER}", reply) for reply in (answer, wrong)]
+    held_out = [
+        ("Which city is the capital of France?", "The quick brown fox."),
+        ("What colour is the sky?", "It is blue, I think."),
+        ("Name an animal.", "A dog."),
+        ("What do cows drink?", "Water, mostly."),
+    ]
+    return train, [fixtures.qa_preference(q, f"{r} {REWARD_MARKER}", r) for q, r in held_out]
+
+
+@pytest.fixture(scope="session")
+def marker_reward(tmp_path_factory, memorised_sft):
+    """(recipe, output_dir, held-out rows) of posttrain/reward.py (the demo recipe) trained from the memorised SFT
+    model on marker_pairs: 12 train pairs, 4 per step, 24 steps, an evaluation every 6."""
+    from helpers import run_stage, write_recipe
+
+    from posttrain.demo import fixtures
+
+    tmp = tmp_path_factory.mktemp("reward_run")
+    train, held_out = marker_pairs()
+    fixtures.write_jsonl(tmp / "data" / "train.jsonl", train)
+    fixtures.write_jsonl(tmp / "data" / "test.jsonl", held_out)
+    recipe = write_recipe(
+        "reward",
+        tmp / "recipe.yaml",
+        memorised_sft[1],
+        tmp / "data",
+        tmp / "out",
+        per_device_train_batch_size=4,
+        eval_steps=6,
+        save_strategy="no",
+    )
+    run_stage("reward", recipe)
+    return recipe, tmp / "out", held_out

@@ -29,18 +29,22 @@ def write_recipe(stage: str, path: Path, model_dir, data_dir, output_dir, **over
 
 
 def stage_module(stage: str):
-    """posttrain.sft or posttrain.dpo."""
+    """posttrain.sft, posttrain.dpo or posttrain.reward."""
     return importlib.import_module(f"posttrain.{stage}")
+
+
+def stage_config(stage: str):
+    """The training-arguments class the stage's script parses its recipe with."""
+    import trl
+
+    return {"sft": trl.SFTConfig, "reward": trl.RewardConfig}.get(stage) or stage_module(stage).DPOConfig
 
 
 def parse_stage(stage: str, *argv):
     """The stage's Recipe from `RECIPE.yaml [--key value ...]`, as its script parses it."""
-    import trl
-
     from posttrain.training.recipe import parse_stage_recipe
 
-    config_cls = trl.SFTConfig if stage == "sft" else stage_module(stage).DPOConfig
-    return parse_stage_recipe(config_cls, [str(a) for a in argv])
+    return parse_stage_recipe(stage_config(stage), [str(a) for a in argv])
 
 
 def parse_production_recipe(stage: str):

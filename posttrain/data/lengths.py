@@ -41,13 +41,20 @@ def drop_unfit_rows(
     """`dataset.filter(keep)` for rows that cannot be trained within max_length: one process writes the
     cache (as TRL's own maps), the count of `before` rows dropped is printed with `why`, and a dataset with
     none left is a one-line error. `before=None` (a streamed dataset) filters without counting."""
-    from accelerate import PartialState
     from trl.trainer.utils import global_then_local_main_first
-
-    from posttrain.outputs.errors import PosttrainError
 
     with global_then_local_main_first():
         dataset = dataset.filter(keep, **filter_kwargs)
+    return count_dropped(dataset, stage=stage, noun=noun, why=why, max_length=max_length, before=before)
+
+
+def count_dropped(dataset, *, stage: str, noun: str, why: str, max_length: int, before: int | None):
+    """Print how many of `before` rows a filter dropped, with `why`; none left is a one-line error.
+    `before=None` (a streamed dataset) counts nothing."""
+    from accelerate import PartialState
+
+    from posttrain.outputs.errors import PosttrainError
+
     if before is None:
         return dataset
     if len(dataset) < before:

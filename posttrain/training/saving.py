@@ -117,12 +117,14 @@ def save_run(trainer, recipe: Recipe, train_result) -> None:
     trainer.save_metrics("train", train_result.metrics)
     out = Path(recipe.training_args.output_dir)
     model = trainer.model
-    stop_on_im_end(model.generation_config, trainer.processing_class)
+    generation_config = getattr(model, "generation_config", None)  # a reward (sequence-classification) model has none
+    if generation_config is not None:
+        stop_on_im_end(generation_config, trainer.processing_class)
     with _final_model_dir(trainer, out) as tmp:
         # Every process calls save_model: under ZeRO-3 it gathers the shards; it writes on the main process.
         trainer.save_model(str(tmp))  # model (or LoRA adapter), tokenizer with its chat template
-        if trainer.accelerator.is_main_process:
-            model.generation_config.save_pretrained(tmp)  # also next to a LoRA adapter
+        if trainer.accelerator.is_main_process and generation_config is not None:
+            generation_config.save_pretrained(tmp)  # also next to a LoRA adapter
     trainer.save_state()  # trainer_state.json: the log history
     if trainer.accelerator.is_main_process:
         if is_peft_model(model) and recipe.script_args.merge_lora_after_training:
