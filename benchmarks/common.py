@@ -178,7 +178,9 @@ def alpaca_rows(n: int, seed: int = 0) -> list[dict]:
 # ------------------------------------------------------------- the recipes' batch arithmetic
 
 REPO = Path(__file__).resolve().parents[1]
-RECIPES = {"sft": REPO / "recipes" / "sft.yaml", "dpo": REPO / "recipes" / "dpo.yaml"}
+RECIPES = {
+    stage: REPO / "recipes" / f"{stage}.yaml" for stage in ("sft", "dpo", "reward", "generate_pairs", "dpo_on_policy")
+}
 LAUNCH_CONFIG = REPO / "accelerate_configs" / "zero2.yaml"  # what both recipes' headers launch with
 SFT_STATS = REPO / "benchmarks" / "results" / "sft_recipe_stats.json"
 ULTRAFEEDBACK_PAIRS = 60_917  # argilla/ultrafeedback-binarized-preferences-cleaned, as data_scripts reads it
@@ -215,9 +217,52 @@ def warmup_updates(warmup_steps: float, total_updates: int) -> int:
     return math.ceil(total_updates * warmup_steps) if warmup_steps < 1 else int(warmup_steps)
 
 
+# On-policy pairs (recipes/generate_pairs.yaml): every UltraFeedback prompt, replies shaped like its chosen
+# replies (the assumption above: log-normal, median CHOSEN tokens), sampled by transformers' generate.
+ON_POLICY_PROMPTS = ULTRAFEEDBACK_PAIRS
+# Modelled per-GPU rates of the 1.8B model in bf16 (benchmarks/gpu.py measures both): decoding steps x sequences
+# per second of generate at 80 sequences per batch (~13 ms a step: kernel launches, the weights and the KV cache
+# read once per step), and reward-model forwards of ~450-token conversations (~1.4e12 FLOPs each at ~40% of a
+# B200's dense bf16 peak, less the padding).
+SAMPLING_SLOTS_PER_S = 6_000
+SCORING_ROWS_PER_S = 300
+
+
+def reply_lengths(n: int, max_new_tokens: int, seed: int = 0) -> list[int]:
+    """Token counts of n sampled replies under that assumption; one longer than max_new_tokens is cut there."""
+    gen = torch.Generator().manual_seed(seed)
+    z = torch.randn(n, generator=gen)
+    return (math.log(CHOSEN) + RESPONSE_SIGMA * z).exp().round().clamp(1, max_new_tokens).long().tolist()
+
+
+def sampling_figures(recipe: dict, gpus: int) -> dict[str, int]:
+    """Samples, tokens and minutes of a generate_pairs recipe. A generate call runs until its longest reply ends,
+    so each batch of generation_batch_size x num_samples sequences costs its longest reply x its sequences."""
+    prompts = min(recipe.get("num_prompts") or ON_POLICY_PROMPTS, ON_POLICY_PROMPTS)
+    per_prompt, batch = recipe["num_samples"], recipe["generation_batch_size"] * recipe["num_samples"]
+    lengths = reply_lengths(prompts * per_prompt, recipe["max_new_tokens"])
+    slots = sum(max(lengths[i : i + batch]) * len(lengths[i : i + batch]) for i in range(0, len(lengths), batch))
+    return {
+        "prompts": prompts,
+        "samples": len(lengths),
+        "sampled tokens": sum(lengths),
+        "decoded slots": slots,
+        "sampling minutes": round(slots / (gpus * SAMPLING_SLOTS_PER_S) / 60),
+        "scoring minutes": round(len(lengths) / (gpus * SCORING_ROWS_PER_S) / 60),
+    }
+
+
+def on_policy_train_pairs() -> int:
+    """At most one pair per prompt (every prompt yields one), less generate_pairs.yaml's test share."""
+    recipe = yaml.safe_load(RECIPES["generate_pairs"].read_text())
+    return ON_POLICY_PROMPTS - round(ON_POLICY_PROMPTS * recipe["test_split"])
+
+
 def computed_figures(stage: str, recipe_path: Path | None = None, stats_path: Path = SFT_STATS) -> dict[str, int]:
     recipe = yaml.safe_load((recipe_path or RECIPES[stage]).read_text())
     n = gpus()
+    if stage == "generate_pairs":
+        return sampling_figures(recipe, n)
     per_device, accumulation = recipe["per_device_train_batch_size"], recipe["gradient_accumulation_steps"]
     per_update = per_device * accumulation * n
     if stage == "sft":
@@ -228,8 +273,9 @@ def computed_figures(stage: str, recipe_path: Path | None = None, stats_path: Pa
             "conversations per update": round(per_update * stats["packing"]["conversations_per_row"]),
             "real tokens per update": round(tokens / rows * per_update),
         }
-    else:
-        per_epoch = updates_per_epoch(DPO_TRAIN_PAIRS, per_device, accumulation, n)
+    else:  # dpo, reward: UltraFeedback's pairs; dpo_on_policy: the on-policy pairs
+        pairs = on_policy_train_pairs() if stage == "dpo_on_policy" else DPO_TRAIN_PAIRS
+        per_epoch = updates_per_epoch(pairs, per_device, accumulation, n)
         figures = {"pairs per update": per_update}
     total = per_epoch * recipe["num_train_epochs"]
     return figures | {

@@ -20,10 +20,23 @@ def figures(monkeypatch):
     return recipe_figures
 
 
-@pytest.mark.parametrize("stage", ["sft", "dpo"])
+@pytest.mark.parametrize("stage", ["sft", "dpo", "reward", "generate_pairs", "dpo_on_policy"])
 def test_stated_figures_match_the_recipe(figures, stage):
     stated, computed = figures.stated_figures(figures.RECIPES[stage]), figures.computed_figures(stage)
-    assert stated == computed
+    assert stated == computed and stated
+
+
+def test_sampling_arithmetic_by_hand(figures, monkeypatch):
+    """4 prompts x 2 samples, 2 prompts per generate call: each call decodes its longest reply x 4 sequences."""
+    import common
+
+    real_draw = common.reply_lengths
+    monkeypatch.setattr(common, "reply_lengths", lambda n, cap, seed=0: [10, 50, 20, 20, 5, 5, 5, 90][:n])
+    recipe = dict(num_prompts=4, num_samples=2, generation_batch_size=2, max_new_tokens=64)
+    computed = figures.sampling_figures(recipe, gpus=1)
+    assert computed["samples"] == 8 and computed["sampled tokens"] == 205
+    assert computed["decoded slots"] == 50 * 4 + 90 * 4
+    assert max(real_draw(1000, 64)) == 64  # a real draw is cut at max_new_tokens
 
 
 def test_sft_updates_are_about_128_conversations(figures):
