@@ -2,7 +2,8 @@
 
 load (hub id, a local copy of the hub repo, or local files in the dataset's own
 schema) -> adapt each row (`posttrain.prep_adapters`), counting drops by reason
--> drop duplicates by normalised content -> [token lengths with the chat
+-> drop duplicates by normalised content -> [drop rows holding an evaluation
+item, `--decontaminate`] -> [token lengths with the chat
 template; DPO drops prompts that leave no room for a response] -> seeded
 shuffle, `--max-samples` -> test split -> train.jsonl, test.jsonl, meta.json,
 written to a temporary directory and renamed.
@@ -14,6 +15,7 @@ fast-tokenizer calls; what stays in Python is one pass over a column of hashes.
 from __future__ import annotations
 
 import argparse
+import bisect
 import contextlib
 import hashlib
 import json
@@ -27,6 +29,7 @@ from pathlib import Path
 from posttrain.conversion.chat_template import find_control_token
 from posttrain.conversion.tokenizer import load_chat_tokenizer
 from posttrain.data import adapters
+from posttrain.data.decontaminate import DEFAULT_NGRAM, MIN_NGRAM, Matcher, evaluation_texts
 from posttrain.data.lengths import conversation_fits, count_chat_tokens, prompt_fits
 from posttrain.data.loading import EmptyRowsError, check_json_file, load_errors, load_source
 from posttrain.outputs.atomic import atomic_output_dir, check_output_dir
@@ -34,6 +37,8 @@ from posttrain.outputs.errors import PosttrainError, die, run_cli
 from posttrain.outputs.lock import output_lock
 
 MAX_SEED = 2**32 - 1  # numpy's seed range, which datasets' shuffle uses
+# The drop reason of a row holding an evaluation item: `evaluation_overlap:FILE`, one per --decontaminate file.
+EVALUATION_OVERLAP = "evaluation_overlap"
 
 
 @dataclass(frozen=True)
@@ -100,6 +105,22 @@ def parse_args(kind: Kind, sources: dict[str, Source], argv=None, description: s
     )
     p.add_argument("--max-length", type=int, default=2048, help="with --tokenizer: the training sequence length")
     p.add_argument("--num-proc", type=int, default=1, help="worker processes for the batched maps")
+    p.add_argument(
+        "--decontaminate",
+        nargs="+",
+        metavar="FILE",
+        help="evaluation test splits (.jsonl/.json/.parquet in their hub schema: ARC, OpenBookQA, TruthfulQA, GSM8K, "
+        "IFEval, or any with a question or prompt field): drop every row any of whose messages shares a run of "
+        "--decontaminate-ngram words with one of their questions, counted per file in meta.json",
+    )
+    p.add_argument(
+        "--decontaminate-ngram",
+        type=int,
+        default=DEFAULT_NGRAM,
+        metavar="N",
+        help=f"words in a shared run that make a row contaminated (default {DEFAULT_NGRAM}, as GPT-3 and Tulu 3; "
+        f"at least {MIN_NGRAM}); a question shorter than N words counts when it appears whole",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --output-dir")
     args = p.parse_args(argv)
     args.val_split_asked = args.val_split is not None  # a default that gives 0 test rows is only a note
@@ -112,6 +133,11 @@ def parse_args(kind: Kind, sources: dict[str, Source], argv=None, description: s
     for flag in ("max_samples", "max_length", "num_proc"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             die(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
+    if args.decontaminate_ngram < MIN_NGRAM:
+        die(
+            f"--decontaminate-ngram must be at least {MIN_NGRAM}, got {args.decontaminate_ngram}: shorter runs of words "
+            "are shared by unrelated sentences"
+        )
     token = find_control_token(args.system_prompt or "")
     if token:
         die(f"--system-prompt holds the ChatML control token {token} as text")
@@ -235,6 +261,63 @@ def _map(dataset, function, args, desc: str, **kwargs):
     return dataset.map(function, batched=True, num_proc=num_proc, desc=desc, **kwargs)
 
 
+# ------------------------------------------------------------------ decontamination
+
+
+@dataclass(frozen=True)
+class EvaluationItems:
+    """The questions of the --decontaminate files in one matcher; `starts[k]` is file k's first item."""
+
+    files: tuple[str, ...]
+    matcher: Matcher
+    starts: tuple[int, ...]
+
+    @classmethod
+    def read(cls, files: list[str], n: int) -> EvaluationItems:
+        texts, starts = [], []
+        for path in files:
+            starts.append(len(texts))
+            texts += evaluation_texts(path)
+        return cls(tuple(files), Matcher(texts, n), tuple(starts))
+
+    def reason(self, k: int) -> str:
+        return f"{EVALUATION_OVERLAP}:{self.files[k]}"
+
+    def items_per_file(self) -> dict[str, int]:
+        ends = (*self.starts[1:], self.matcher.size)
+        return {f: end - start for f, start, end in zip(self.files, self.starts, ends)}
+
+
+def _overlap_batch(batch: dict, evaluation: EvaluationItems, columns):
+    """Batched map: the index of the first --decontaminate file with an item in any message of each row, or -1."""
+    found = []
+    for values in zip(*(batch[c] for c in columns)):
+        hits = [i for messages in values for m in messages if (i := evaluation.matcher.find(m["content"])) is not None]
+        found.append(bisect.bisect_right(evaluation.starts, min(hits)) - 1 if hits else -1)
+    return {"_overlap": found}
+
+
+def decontaminate(dataset, evaluation: EvaluationItems | None, kind: Kind, args, dropped: Counter):
+    """The rows none of whose messages shares a run of n words with an evaluation item; the others counted
+    under their file's reason (the first file, in the order given, that has the item)."""
+    if evaluation is None or not len(dataset):
+        return dataset
+    flagged = _map(
+        dataset,
+        _overlap_batch,
+        args,
+        "Decontaminating",
+        fn_kwargs={"evaluation": evaluation, "columns": kind.columns},
+    )
+    keep = []
+    for i, k in enumerate(flagged["_overlap"][:]):
+        if k < 0:
+            keep.append(i)
+        else:
+            dropped[evaluation.reason(k)] += 1
+    return dataset.select(keep)
+
+
 # ------------------------------------------------------------------------- tokens
 
 
@@ -336,17 +419,22 @@ def _no_map_cache():
 
 def prepare(kind: Kind, sources: dict[str, Source], args) -> dict:
     """Run the whole preparation; returns meta (also written as meta.json)."""
-    inputs = [*(args.data_files or ()), *([args.tokenizer] if args.tokenizer else ())]
+    inputs = [*(args.data_files or ()), *([args.tokenizer] if args.tokenizer else ()), *(args.decontaminate or ())]
     check_output_dir(args.output_dir, args.overwrite, inputs)
     source = sources[args.dataset]
+    evaluation = EvaluationItems.read(args.decontaminate, args.decontaminate_ngram) if args.decontaminate else None
     tokenizer = load_chat_tokenizer(args.tokenizer) if args.tokenizer else None
     raw_train, raw_test = load_splits(source, args)
 
     dropped, seen = Counter(dict.fromkeys(kind.drop_reasons, 0)), set()
+    if evaluation is not None:  # every file's reason is listed, a zero count too
+        dropped.update({evaluation.reason(k): 0 for k in range(len(evaluation.files))})
     n_source, train = clean(raw_train, source, kind, args, dropped, seen)
+    train = decontaminate(train, evaluation, kind, args, dropped)
     test = None
     if raw_test is not None:
         n_test_source, test = clean(raw_test, source, kind, args, dropped, seen)
+        test = decontaminate(test, evaluation, kind, args, dropped)
         n_source += n_test_source
     train, test, unused = split(train, test, args)
     if tokenizer is not None:  # after the split: only rows that are written are tokenized
@@ -376,6 +464,8 @@ def prepare(kind: Kind, sources: dict[str, Source], args) -> dict:
         },
         "dropped": dict(dropped),
     }
+    if evaluation is not None:
+        meta["decontamination"] = {"ngram": args.decontaminate_ngram, "items": evaluation.items_per_file()}
     if tokenizer is not None:
         meta["tokens"] = {"tokenizer": args.tokenizer, "max_length": args.max_length}
         for name, ds in (("train", train), ("test", test)):
