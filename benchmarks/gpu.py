@@ -15,6 +15,12 @@ parameters), run by the same trainers and settings as the recipes, one after the
   max_length 2048) on UltraFeedback-shaped pairs (benchmarks/dpo_padding.py's assumption): pairs/s
   with a live bf16 reference, and with precomputed reference log-probs (training pairs/s and the
   reference pass's pairs/s), peak memory of each.
+- On-policy pairs (posttrain/generate_pairs.py as recipes/generate_pairs.yaml): sampling through
+  posttrain's generate_batch (bf16, 16 prompts x 5 samples per call, temperature 0.8): decoded
+  tokens/s (a random model rarely stops, so every sequence decodes the whole budget: the rate of
+  decoded slots the recipe's arithmetic counts); and reward scoring (a one-score
+  LlamaForSequenceClassification of the same shape, bf16, posttrain's reward_scores on ~450-token
+  conversations, 32 per forward): rows/s.
 - Evaluation: log-likelihood requests/s of lm-evaluation-harness's HFLM (bf16, batch 32, as the
   evaluation's lm-eval scoring) on ARC-shaped requests, peak memory; skipped if lm-eval is absent.
 - What those rates mean for the production recipes on 8 GPUs (benchmarks/recipe_figures.py's
@@ -42,11 +48,13 @@ from pathlib import Path
 
 from common import (
     DPO_TRAIN_PAIRS,
+    RECIPES,
     StepTimer,
     computed_figures,
     model_config,
     param_count,
     preference_dataset,
+    sampling_figures,
     timed_run_args,
     train_flops_per_token,
     ultrafeedback_lengths,
@@ -115,6 +123,10 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=10, help="timed optimizer steps per training measurement")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (allocator, kernels)")
     p.add_argument("--eval-requests", type=int, default=2048, help="log-likelihood requests timed")
+    p.add_argument(
+        "--sample-tokens", type=int, default=256, help="new tokens per sequence in the sampling measurement"
+    )
+    p.add_argument("--score-rows", type=int, default=512, help="conversations scored by the reward model")
     p.add_argument("--peak-tflops", type=float, help="dense bf16 peak of this GPU (default: from a table by name)")
     p.add_argument("--smoke", action="store_true", help="a tiny shape on CPU: checks the script, measures nothing")
     p.add_argument("--output", type=Path, default=RESULTS)
@@ -128,6 +140,7 @@ class Device:
         import torch
 
         self.torch, self.cuda = torch, not smoke
+        self.dtype = "bfloat16" if self.cuda else "float32"  # of the inference measurements (bf16 is slow on a CPU)
         self.name = torch.cuda.get_device_name() if self.cuda else "cpu (smoke test)"
 
     def sync(self):
@@ -295,6 +308,99 @@ def measure_eval(config, device: Device, args) -> dict | None:
     return {"requests": n, "batch_size": 32, "requests_per_s": n / seconds, "peak_memory_gib": device.peak_gib()}
 
 
+def on_policy_prompts(n: int, seed: int = 0, scale: int = 1) -> list[list[dict]]:
+    """n one-turn conversations of UltraFeedback-shaped prompt lengths (log-normal, median 110 tokens; divided by
+    `scale` for --smoke), as words that are one token each in the fixture tokenizer."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    lengths = (math.log(110) + 0.9 * torch.randn(n, generator=gen)).exp().round().clamp(10, 1000).long() // scale
+    return [[{"role": "user", "content": "the" + " the" * (k - 1)}] for k in lengths.clamp(min=1).tolist()]
+
+
+def chat_tokenizer():
+    from posttrain.conversion.chat_template import install_chat_template
+    from posttrain.demo.fixtures import build_tokenizer
+
+    tokenizer = build_tokenizer()
+    install_chat_template(tokenizer)
+    return tokenizer
+
+
+def measure_sampling(config, device: Device, args) -> dict:
+    """Decoded tokens/s of generate_batch at generate_pairs.yaml's batch (16 prompts x 5 samples per call)."""
+    import yaml
+
+    from posttrain.generation.generate import generate_batch
+
+    recipe = yaml.safe_load(RECIPES["generate_pairs"].read_text())
+    prompts_per_call, samples = recipe["generation_batch_size"], recipe["num_samples"]
+    device.reset()
+    tokenizer, model = chat_tokenizer(), device.model(config, device.dtype).eval()
+    new_tokens = args.sample_tokens if device.cuda else 8
+    prompts = on_policy_prompts(2 * prompts_per_call) if device.cuda else on_policy_prompts(4, scale=16)
+    kwargs = dict(do_sample=True, temperature=recipe["temperature"], num_return_sequences=samples, seed=0)
+    generate_batch(
+        model, tokenizer, prompts[:prompts_per_call], max_new_tokens=4, batch_size=prompts_per_call, **kwargs
+    )
+    device.sync()
+    t0 = time.perf_counter()
+    replies = generate_batch(
+        model, tokenizer, prompts, max_new_tokens=new_tokens, batch_size=prompts_per_call, **kwargs
+    )
+    device.sync()
+    seconds = time.perf_counter() - t0
+    decoded = sum(len(ids) for per_prompt in replies for ids, _ in per_prompt)
+    del model
+    return {
+        "sequences_per_call": prompts_per_call * samples,
+        "new_tokens_per_sequence": new_tokens,
+        "decoded_tokens_per_s": decoded / seconds,
+        "peak_memory_gib": device.peak_gib(),
+    }
+
+
+def measure_scoring(config, device: Device, args) -> dict:
+    """Rows/s of reward_scores: a one-score classifier of the model's shape on prompt + reply conversations."""
+    from transformers import LlamaForSequenceClassification
+
+    from posttrain.generation.pairs import reward_scores
+
+    device.reset()
+    tokenizer = chat_tokenizer()
+    fields = {k: v for k, v in config.to_dict().items() if k not in ("id2label", "label2id")}
+    scorer_config = type(config).from_dict({**fields, "num_labels": 1, "pad_token_id": tokenizer.pad_token_id})
+    with device.torch.device("cuda" if device.cuda else "cpu"):
+        model = LlamaForSequenceClassification._from_config(scorer_config, dtype=getattr(device.torch, device.dtype))
+    model.eval()
+    rows, scale = (args.score_rows, 1) if device.cuda else (8, 16)
+    replies = on_policy_prompts(rows, seed=1, scale=scale)  # x 3: replies of ~300 tokens, conversations of ~450
+    conversations = [
+        prompt + [{"role": "assistant", "content": " ".join([reply[0]["content"]] * 3)}]
+        for prompt, reply in zip(on_policy_prompts(rows, scale=scale), replies)
+    ]
+    batch = 32 if device.cuda else 4
+    reward_scores(model, tokenizer, conversations[:batch], batch)  # warm-up
+    device.sync()
+    t0 = time.perf_counter()
+    reward_scores(model, tokenizer, conversations, batch)
+    device.sync()
+    seconds = time.perf_counter() - t0
+    del model
+    return {"rows": rows, "batch_size": batch, "rows_per_s": rows / seconds, "peak_memory_gib": device.peak_gib()}
+
+
+def on_policy_minutes(sampling: dict, scoring: dict, gpus: int = GPUS) -> dict:
+    """recipes/generate_pairs.yaml on 8 GPUs at the measured rates (its decoded slots and samples)."""
+    import yaml
+
+    figures = sampling_figures(yaml.safe_load(RECIPES["generate_pairs"].read_text()), gpus)
+    return {
+        "sampling_minutes": figures["decoded slots"] / (gpus * sampling["decoded_tokens_per_s"]) / 60,
+        "scoring_minutes": figures["samples"] / (gpus * scoring["rows_per_s"]) / 60,
+    }
+
+
 def implied_wall_times(sft_tokens_per_s: float, dpo: dict, eval_rps: float | None) -> dict:
     """The production recipes on 8 GPUs at the measured rates (one GPU's rate x 8)."""
 
@@ -337,6 +443,7 @@ def main(argv=None) -> None:
         run["mfu"] = mfu(run["real_tokens_per_s"], train_flops_per_token(config), peak * 1e12) if peak else None
     dpo = {name: measure_dpo(config, device, name == "precomputed", args) for name in ("live", "precomputed")}
     evaluation = measure_eval(config, device, args)
+    sampling, scoring = measure_sampling(config, device, args), measure_scoring(config, device, args)
     best_sft = max(run["real_tokens_per_s"] for run in sft.values())
     result = {
         "date": time.strftime("%Y-%m-%d"),
@@ -350,6 +457,9 @@ def main(argv=None) -> None:
         "implied_wall_time_8_gpus": implied_wall_times(
             best_sft, dpo, evaluation["requests_per_s"] if evaluation else None
         ),
+        "on_policy_sampling": sampling,
+        "reward_scoring": scoring,
+        "implied_on_policy_pairs_8_gpus": on_policy_minutes(sampling, scoring),
         "benchmark_seconds": time.perf_counter() - start,
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
     }

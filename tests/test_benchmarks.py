@@ -92,3 +92,17 @@ def test_every_stage_runs_on_a_tiny_shape(gpu, tmp_path):
     assert "reference_pass_pairs_per_s" not in result["dpo"]["live"]
     assert result["eval_loglikelihood"]["requests_per_s"] > 0
     assert result["implied_wall_time_8_gpus"]["sft_3_epochs_s"] > 0
+    assert result["on_policy_sampling"]["decoded_tokens_per_s"] > 0 and result["reward_scoring"]["rows_per_s"] > 0
+    assert result["implied_on_policy_pairs_8_gpus"]["sampling_minutes"] > 0
+
+
+def test_on_policy_minutes_use_the_recipe_figures(gpu):
+    import yaml
+    from common import RECIPES, sampling_figures
+
+    figures = sampling_figures(yaml.safe_load(RECIPES["generate_pairs"].read_text()), 8)
+    minutes = gpu.on_policy_minutes({"decoded_tokens_per_s": 6_000.0}, {"rows_per_s": 300.0})
+    # the modelled rates give the recipe's stated minutes
+    assert round(minutes["sampling_minutes"]) == figures["sampling minutes"]
+    assert round(minutes["scoring_minutes"]) == figures["scoring minutes"]
+    assert minutes["sampling_minutes"] == pytest.approx(figures["decoded slots"] / 48_000 / 60)
