@@ -11,7 +11,7 @@ export HF_DATASETS_OFFLINE := 1
 export TRANSFORMERS_NO_ADVISORY_WARNINGS := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo lint format test test-fast test-slow bench bench-gpu clean
+.PHONY: install demo demo-on-policy lint format test test-fast test-slow bench bench-gpu clean
 
 $(BIN)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,10 @@ install: $(BIN)/.installed
 
 demo: install
 	$(BIN)/python -m posttrain.demo
+
+# reward model -> on-policy pairs -> DPO on the demo's models (runs `make demo` first if demo_runs/ has none).
+demo-on-policy: install
+	$(BIN)/python -m posttrain.demo.on_policy
 
 # ruff, configured in pyproject.toml (line length 119, as TRL and the alignment-handbook).
 lint: install
