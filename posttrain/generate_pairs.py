@@ -182,6 +182,9 @@ def check_inputs(args: PairsArguments) -> tuple[list[dict], Counter]:
     with load_errors(f"reward_model {args.reward_model}: its tokenizer cannot be loaded"):
         reward_tokenizer = AutoTokenizer.from_pretrained(args.reward_model)
     pairs.check_renders(reward_tokenizer, args.reward_model, kept)
+    out = Path(args.output_dir)
+    if out.is_dir() and any(out.iterdir()) and not args.overwrite_output_dir:
+        raise PosttrainError(f"output_dir {out} is not empty; pass --overwrite_output_dir true to replace it")
     check_output_dir(args.output_dir, args.overwrite_output_dir, inputs(args))
     return kept, dropped
 
@@ -207,6 +210,8 @@ def run_chunks(args: PairsArguments, prompts: list[dict], store: pairs.PartialRe
 
     state = PartialState()
     mine = todo[state.process_index :: state.num_processes]
+    if not mine:
+        return
     policy, policy_tokenizer = load_model(args.policy, str(state.device), args.dtype)
     reward, reward_tokenizer = pairs.load_reward_model(args.reward_model, str(state.device), args.dtype)
     for index in tqdm(mine, desc="chunks of prompts", disable=not state.is_main_process):
@@ -268,7 +273,8 @@ def write_output(args: PairsArguments, train: list[dict], test: list[dict], meta
         raise PosttrainError(
             f"no pairs for train.jsonl from {meta['counts']['prompts']} prompts (dropped: "
             + ", ".join(f"{k} {v}" for k, v in meta["dropped"].items() if v)
-            + "); raise max_new_tokens or num_samples, or lower min_margin, and rerun with --resume true"
+            + "); lower min_margin and rerun with --resume true (the samples are kept), or sample again with more "
+            "max_new_tokens, num_samples or temperature (--overwrite_output_dir true)"
         )
     with atomic_output_dir(args.output_dir, args.overwrite_output_dir, inputs(args)) as tmp:
         for name, rows in (("train.jsonl", train), ("test.jsonl", test)):

@@ -261,6 +261,7 @@ BAD_INPUTS = [
     ({"prompts": "NO_REPLY"}, "no row has messages that end before an assistant turn"),
     ({"prompts": "TOO_LONG"}, "none of its 1 prompts is usable (prompt_too_long: 1)"),
     ({"resume": True}, "--resume true: no stopped run of"),
+    ({"output_dir": "FINISHED"}, "is not empty; pass --overwrite_output_dir true to replace it"),
 ]
 
 
@@ -284,12 +285,16 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, inputs, overrides, m
         long = {"messages": [{"role": "user", "content": "bees " * 400}, {"role": "assistant", "content": "ok"}]}
         values["prompts"] = fixtures.write_jsonl(tmp_path / "p.jsonl", [long])
     out = tmp_path / "out"
+    if values.pop("output_dir", None) == "FINISHED":
+        (out / "train.jsonl").parent.mkdir()
+        (out / "train.jsonl").write_text("{}\n")
+    before = tree_hashes(tmp_path)
     args = {"reward_model": reward, "prompts": prompts, **values}
     code = run(policy, args.pop("reward_model"), args.pop("prompts"), out, **args)
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" not in err, err
     assert message in helpers.one_error_line(err)
-    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith((".out", "out"))) == []
+    assert tree_hashes(tmp_path) == before  # no partial results, no output, a finished one as it was
 
 
 def test_a_second_run_into_the_same_output_is_refused(tmp_path, inputs, capsys):
