@@ -213,6 +213,28 @@ def test_scoring_tokenizes_and_pads_as_the_reward_trainer(marker_reward, memoris
         assert alone[0] == pytest.approx(reference(input_ids=ids).logits[0, 0].item(), abs=1e-6)
 
 
+def test_margins_and_what_a_resume_may_change(tmp_path):
+    prompt = {"messages": [{"role": "user", "content": "Hi"}]}
+    tie = {"best": ["Hello.", 0.25], "worst": ["Hey.", 0.25]}
+    assert pairs.pair_row(prompt, tie, min_margin=0.0) == (None, pairs.SMALL_MARGIN)  # no preference: always dropped
+    apart = {"best": ["Hello.", 0.75], "worst": ["Hey.", 0.25]}
+    assert pairs.pair_row(prompt, apart, min_margin=0.6) == (None, pairs.SMALL_MARGIN)
+    row, reason = pairs.pair_row(prompt, apart, min_margin=0.5)
+    assert reason is None and (row["chosen_score"], row["rejected_score"]) == (0.75, 0.25)
+    assert pairs.pair_row(prompt, {"dropped": pairs.TOO_FEW_REPLIES}, 0.0) == (None, pairs.TOO_FEW_REPLIES)
+
+    settings = {"temperature": 0.8, "min_margin": 0.0, "test_split": 0.05}
+    pairs.PartialResults(tmp_path / "out", settings).open(resume=False)
+    may_change = generate_pairs.MAY_CHANGE_ON_RESUME
+    pairs.PartialResults(tmp_path / "out", {**settings, "min_margin": 1.0, "test_split": 0.1}).check(
+        True, False, may_change
+    )
+    with pytest.raises(pairs.PosttrainError, match=r"made with temperature: 0.8; set it back"):
+        pairs.PartialResults(tmp_path / "out", {**settings, "temperature": 1.0}).check(True, False, may_change)
+    with pytest.raises(pairs.PosttrainError, match=r"holds 0 finished chunks of a stopped run"):
+        pairs.PartialResults(tmp_path / "out", settings).check(False, False, may_change)
+
+
 # ------------------------------------------------------------------ bad input: one line, nothing written
 
 
