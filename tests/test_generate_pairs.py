@@ -138,11 +138,10 @@ def test_truncated_replies_never_appear_and_every_reply_is_counted(generated, in
 def test_rerun_gives_the_same_bytes_and_a_stopped_run_resumes_without_repeating_or_losing(
     generated, inputs, monkeypatch, capsys
 ):
+    """Run 2 is stopped after its first chunk, run 3 resumes it: together they sample every chunk again with the same
+    seed, and the output is the first run's, byte for byte."""
     out, _ = generated
     finished = tree_hashes(out)
-    assert run(*inputs, out, overwrite_output_dir=True) == 0
-    assert tree_hashes(out) == finished  # same seed, same bytes
-
     real_commit, committed = pairs.PartialResults.commit, []
 
     def commit_then_stop(store, index, result):
