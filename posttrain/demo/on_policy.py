@@ -51,10 +51,8 @@ def print_pairs(pairs_dir: Path) -> None:
                 f"   rejected {row['rejected_score']:+.3f}  {printable(row['rejected'][0]['content'])}   margin {margin:.3f}"
             )
     counts, samples = meta["counts"], meta["samples"]
-    print(
-        f"{counts['prompts']} prompts -> {counts['train']} train + {counts['test']} test pairs; dropped "
-        + ", ".join(f"{k} {v}" for k, v in meta["dropped"].items() if v)
-    )
+    drops = ", ".join(f"{k} {v}" for k, v in meta["dropped"].items() if v) or "none"
+    print(f"{counts['prompts']} prompts -> {counts['train']} train + {counts['test']} test pairs; dropped {drops}")
     print(
         f"{samples['sampled']} replies sampled: "
         + ", ".join(f"{k} {v}" for k, v in samples.items() if k != "sampled" and v)
