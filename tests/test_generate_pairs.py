@@ -29,6 +29,7 @@ SETTINGS = dict(
     chunk_size=3,
     generation_batch_size=2,
     test_split=0.3,
+    min_margin=0.0,
     dtype="float32",
     system_prompt="",
 )
