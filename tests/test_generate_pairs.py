@@ -184,6 +184,22 @@ def test_dpo_trains_on_the_output(generated, inputs, tmp_path):
     assert any("rewards/accuracies" in e for e in history) and any("eval_loss" in e for e in history)
 
 
+def test_the_on_policy_demo_prints_every_pair_with_its_margin(generated, capsys):
+    from posttrain.demo.on_policy import print_pairs
+
+    out, _ = generated
+    print_pairs(out)
+    printed = capsys.readouterr().out
+    for row in read_rows(out):
+        margin = row["chosen_score"] - row["rejected_score"]
+        assert f"chosen   {row['chosen_score']:+.3f}  " in printed and f"margin {margin:.3f}" in printed
+    meta = json.loads((out / "meta.json").read_text())
+    assert (
+        f"{meta['counts']['prompts']} prompts -> {meta['counts']['train']} train + {meta['counts']['test']} test"
+        in printed
+    )
+
+
 def test_scoring_tokenizes_and_pads_as_the_reward_trainer(marker_reward, memorised_sft, tmp_path):
     """The ids the reward model scores are the ids RewardTrainer trained on (TRL's own tokenization of the same
     rows), and a batch of right-padded conversations scores as each one alone."""
