@@ -25,12 +25,16 @@ from safetensors.torch import load_file
 from posttrain.demo import fixtures
 from posttrain.outputs.errors import run_cli
 from posttrain.training.padding_free import PATCHED, pack, unpack
+from posttrain.training.recipe import RESOLVED_RECIPE_NAME
 
 DPO_SCRIPT = REPO / "posttrain" / "dpo.py"
 TRL_WARNING = "temporarily unavailable"
 # fp32 on CPU: the packed and the padded forward differ only in summation order (~1e-7 relative per value).
 LOGGED_TOLERANCE = dict(rel=1e-4, abs=1e-5)
-WEIGHT_TOLERANCE = dict(rtol=1e-4, atol=1e-6)
+# Weights after 3 Adam steps. Adam's first step moves every weight by lr x sign(gradient), so the few weights
+# whose gradient is at roundoff level (~1e-6 of the largest) can move apart by up to ~lr: all within 0.2 x lr,
+# and all but 1 in 10,000 within 1e-6.
+WEIGHT_TOLERANCE, WEIGHTS_APART = 1e-6, 1e-4
 # 3 steps that all update the weights (no warmup), nothing saved but the final model
 STEPS = dict(max_steps=3, warmup_steps=0, learning_rate=1e-3, save_strategy="no", eval_strategy="no")
 LOGGED = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen", "logps/rejected")
@@ -185,11 +189,12 @@ def assert_same_run(padded: Path, packed: Path) -> None:
             if key in a:
                 assert b[key] == pytest.approx(a[key], **LOGGED_TOLERANCE), (a["step"], key)
     assert sum("loss" in e for e in logs["packed"]) == 3
+    lr = yaml.safe_load((packed / RESOLVED_RECIPE_NAME).read_text())["learning_rate"]
     weights = "adapter_model.safetensors" if (packed / "adapter_model.safetensors").exists() else "model.safetensors"
     a, b = load_file(padded / weights), load_file(packed / weights)
     assert a.keys() == b.keys()
-    for name in a:
-        torch.testing.assert_close(b[name], a[name], **WEIGHT_TOLERANCE, msg=name)
+    apart = torch.cat([(b[name] - a[name]).abs().flatten() for name in a])
+    assert apart.max() <= 0.2 * lr and (apart > WEIGHT_TOLERANCE).float().mean() < WEIGHTS_APART, apart.max()
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
