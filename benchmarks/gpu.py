@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Every stage of the pipeline on the real model shape, on one CUDA GPU: what the production runs will cost.
 
-    python benchmarks/gpu.py [--steps 10] [--output benchmarks/results/gpu.json]     # ~3-5 min, at most 8
+    python benchmarks/gpu.py [--steps 10] [--output benchmarks/results/gpu.json]     # ~4-6 min, at most 10
 
 A randomly initialised LlamaForCausalLM of the converted Qwen3-1.8B's shape (24 layers, hidden
 2048, 16 heads MHA, d_ff 5461, vocab 151,669, rope_theta 1e6, untied: 1,829,246,976
