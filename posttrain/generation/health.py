@@ -23,14 +23,14 @@ gathers the parameters first, as TRL's own generation callbacks do).
 from __future__ import annotations
 
 from posttrain.conversion.chat_template import IM_END
-from posttrain.generation.generate import generate_ids
+from posttrain.generation.generate import generate_batch
 
 HEALTH_MAX_NEW_TOKENS = 256
 NGRAM = 4
 
 
 def reply_record(ids: list[int], ended_on_stop: bool, tokenizer, max_new_tokens: int) -> dict:
-    """What health_figures needs of one reply, and its text, from what chat.generate_ids returns (its token
+    """What health_figures needs of one reply, and its text, from what generate_batch returns (its token
     ids, the stop token included, and whether it ended on one)."""
     body = ids[:-1] if ended_on_stop else ids
     return {
@@ -42,29 +42,33 @@ def reply_record(ids: list[int], ended_on_stop: bool, tokenizer, max_new_tokens:
     }
 
 
-def generate_replies(model, tokenizer, prompts: list[dict], max_new_tokens: int, desc: str = "generating") -> list:
-    """reply_record of the greedy reply to each prompt, in order; the prompts are split between the
-    processes and every process gets all replies. Each process holds the whole model (under ZeRO-3,
-    gathered by the caller), so none waits for the others inside generate: `synced_gpus=False`, which
-    transformers would otherwise turn on under ZeRO-3, where it hangs on unequal shares of prompts."""
+def generate_replies(model, tokenizer, prompts: list[dict], max_new_tokens: int, batch_size: int = 8) -> list:
+    """reply_record of the greedy reply to each prompt, in order, generated in batches sorted by length
+    (generate_batch); the prompts are split between the processes and every process gets all replies.
+    Each process holds the whole model (under ZeRO-3, gathered by the caller), so none waits for the
+    others inside generate: `synced_gpus=False`, which transformers would otherwise turn on under
+    ZeRO-3, where it hangs on unequal shares of prompts."""
     from accelerate import PartialState
     from accelerate.utils import gather_object
-    from tqdm.auto import tqdm
 
     state = PartialState()
     was_training = model.training
     model.eval()
     with state.split_between_processes(list(prompts)) as mine:
-        records = [
-            reply_record(
-                *generate_ids(
-                    model, tokenizer, p["messages"], max_new_tokens=max_new_tokens, do_sample=False, synced_gpus=False
-                ),
+        conversations = [p["messages"] for p in mine]
+        replies = (
+            generate_batch(
+                model,
                 tokenizer,
-                max_new_tokens,
+                conversations,
+                max_new_tokens=max_new_tokens,
+                batch_size=batch_size,
+                synced_gpus=False,
             )
-            for p in tqdm(mine, desc=desc, disable=not state.is_main_process, leave=False)
-        ]
+            if conversations
+            else []
+        )
+        records = [reply_record(*reply, tokenizer, max_new_tokens) for (reply,) in replies]
     model.train(was_training)
     return gather_object(records) if state.num_processes > 1 else records
 
