@@ -10,10 +10,14 @@ unknown key is an error that names it. For each model, in the order given:
   with `system_prompt`): acc, acc_norm, their standard errors and n;
 - generation health on `prompts` (greedy, the model's chat template): stop_rate, truncated_rate,
   mean_length, repeat_4gram_rate (posttrain/generation/health.py);
+- with `preference_data`, held-out preference accuracy: how often the model gives the chosen reply a
+  higher log-probability than the rejected one, and the mean margin (posttrain/evaluation/preference.py);
 then paired comparisons (each model against the next, and the first against the last) on the same
-items: difference, 95% interval, p-value (posttrain/evaluation/stats.py). output_dir receives summary.json,
-report.md, scores.png, replies.jsonl and recipe.resolved.yaml, all at once (nothing half-written);
-under several processes only the main one writes.
+items: difference, 95% interval, p-value (posttrain/evaluation/stats.py); with `judge`, the win rate
+of the later model of each such pair, from a judge model's verdicts on the two replies to each prompt
+(posttrain/evaluation/judge.py). output_dir receives summary.json, report.md, scores.png,
+replies.jsonl, judgements/ and recipe.resolved.yaml, all at once (nothing half-written); under
+several processes only the main one writes.
 
 It replaces copying an `lm_eval` command per model: the base model used to be scored without the
 chat template and the trained ones with it, so format and knowledge were mixed up, and nothing said
@@ -92,8 +96,8 @@ class EvalArguments:
     judge: str | None = field(
         default=None,
         metadata={
-            "help": "A causal LM directory with a chat template that judges the replies to `prompts` of each model "
-            "against the next (and the first against the last): the later model's win rate (posttrain/evaluation/judge.py)."
+            "help": "A causal LM directory with a chat template that judges each model's replies to `prompts` "
+            "against the next model's (and the first against the last): the later model's win rate."
         },
     )
     judge_labels: list[str] = field(
@@ -239,8 +243,9 @@ def main(args: EvalArguments) -> None:
     summary["judgements"] = judge.judgements(judged, replies)
     if judging:
         summary["judge"] = judge.describe(judging, dirs)
-    for name, items in preferences.items() if pairs else ():
-        summary["models"][name]["preference"] = preference.figures(items)
+    if pairs:
+        for name, items in preferences.items():
+            summary["models"][name]["preference"] = preference.figures(items)
     with atomic_output_dir(args.output_dir, args.overwrite_output_dir, inputs) as tmp:
         report.write_outputs(tmp, summary, prompts, {n: r for n, r in replies.items() if r is not None})
         judge.write_rows(tmp, judged)
