@@ -169,6 +169,13 @@ def test_report_has_the_judge_and_preference_sections(judged):
     )
     assert "length-controlled" in report and summary["judge"]["length_control"] in report
     assert "## Preference accuracy (held-out pairs)" in report
+    # the margin's comparisons are in nats, in the preference section only (not as percentage points)
+    (margin,) = [
+        c
+        for c in summary["comparisons"]
+        if (c["task"], c["metric"], c["a"], c["b"]) == ("preference", "margin", "base", "sft")
+    ]
+    assert f"| base → sft | margin | {margin['delta']:+.3g} nats |" in report and "| preference |" not in report
     assert {p.name for p in (out / judging.JUDGEMENTS_DIR).iterdir()} == {
         "base_vs_sft.jsonl",
         "sft_vs_again.jsonl",

@@ -2,7 +2,8 @@
 
     judge = check_judge("runs/judge", ("A", "B"), prompts, max_new_tokens, ["base", "sft", "dpo"])  # no model loads
     rows = judge_replies(judge, prompts, replies, batch_size=8)    # {(a, b): [row, ...]}, on every process
-    judgements = [judgement(a, b, rows[a, b], replies[a], replies[b]) for a, b in rows]
+    judgements(rows, replies)        # [{a, b, win_rate, ci95, p_value, length_controlled_win_rate, n, ...}]
+    write_rows(output_dir, rows)     # output_dir/judgements/<a>_vs_<b>.jsonl
 
 The pairs are those of the paired tests: each model against the next, and the first against the last.
 For each prompt the judge reads the conversation and the two replies, labelled `A` (first shown) and
@@ -37,7 +38,7 @@ LENGTH_CONTROL = (
     "win rate predicted at Δ = 0"
 )
 INSTRUCTION = (
-    "Which reply is better: more helpful, correct and honest? Answer with one letter, {0} or {1}.\n\n"
+    "Which reply is better: more helpful, correct and honest? Answer {0} or {1}, nothing else.\n\n"
     "[Conversation]\n{conversation}\n\n[Reply {0}]\n{first}\n\n[Reply {1}]\n{second}"
 )
 

@@ -97,6 +97,7 @@ def comparisons_table(comparisons: list[dict]) -> str:
             c["test"],
         ]
         for c in comparisons
+        if c["task"] != "preference"  # its margin is in nats, not a share: preference_section shows it
     ]
     return _table(["task", "mode", "metric", "a → b", "Δ pts", "95% interval", "p", "test"], rows)
 
