@@ -272,7 +272,7 @@ def model_copy(model_dir, dest: Path, chat_template: bool = True, architecture: 
     "case, message",
     [
         ("not_a_model", "judge: {tokenizer_dir}: not a model directory (no config.json)"),
-        ("reward_model", "is a LlamaForSequenceClassification, not a causal language model"),
+        ("reward_model", "judge: {tmp}/rm: it holds a LlamaForSequenceClassification, not a causal language model"),
         ("no_chat_template", "judge: the tokenizer of {tmp}/plain has no chat template"),
         ("labels_not_tokens", "judge_labels: 'Alpha' is not one token of the judge's tokenizer"),
         ("context_too_small", "judge: its context (256 tokens, "),

@@ -81,7 +81,7 @@ def causal_lm_problem(path: Path) -> str | None:
     architectures = config.architectures or []
     causal = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
     if architectures and not any(a in causal or a.endswith("ForCausalLM") for a in architectures):
-        return f"a {', '.join(architectures)}, not a causal language model (it has no next-token head)"
+        return f"it holds a {', '.join(architectures)}, not a causal language model (no next-token head)"
     if not architectures and config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
         return f"its model type {config.model_type!r} is not a causal language model"
     return None
@@ -106,9 +106,7 @@ def check_judge(path, labels, prompts: list[dict], max_new_tokens: int, model_na
             raise PosttrainError(f"judge: model name {name!r} cannot name a judgements file; rename it (name=path)")
     problem = causal_lm_problem(path)
     if problem:
-        raise PosttrainError(
-            f"judge: {path} is {problem}" if problem.startswith("a ") else f"judge: {path}: {problem}"
-        )
+        raise PosttrainError(f"judge: {path}: {problem}")
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as err:
