@@ -124,7 +124,7 @@ def check_judge(path, labels, prompts: list[dict], max_new_tokens: int, model_na
         if tail[: len(head_ids)] != head_ids or len(tail) != len(head_ids) + 1:
             raise PosttrainError(
                 f"judge_labels: {label!r} is not one token of the judge's tokenizer ({path}) after its generation "
-                f"prompt (it is {_ids(tokenizer, label)}); choose single-token words such as A and B"
+                f"prompt (it is {len(_ids(tokenizer, label))} on its own); choose single-token words such as A and B"
             )
         label_ids.append(tail[-1])
     context = getattr(AutoConfig.from_pretrained(path), "max_position_embeddings", None)
