@@ -26,7 +26,7 @@ import json
 import math
 import sys
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -216,8 +216,49 @@ def hf_logits(model, tokens: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         return model(tokens).logits
 
 
-def tool_version() -> str:
-    return f"posttrain {__version__} export-checkpoint"
+@dataclass
+class OpenModel:
+    """A model directory opened for export: its config, its weights (read lazily) with their shapes, and how to
+    get the Hugging Face model itself for --verify."""
+
+    config: object
+    weights: Mapping[str, torch.Tensor]
+    shapes: Mapping[str, tuple]
+    load_model: Callable[[], object]
+
+
+def open_model(model_dir: Path, lineage: Lineage) -> OpenModel:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if (model_dir / "adapter_config.json").is_file() and not (model_dir / "config.json").is_file():
+        merged = merged_adapter(model_dir, lineage.base)
+        weights = merged.state_dict()
+        return OpenModel(merged.config, weights, {k: tuple(v.shape) for k, v in weights.items()}, lambda: merged)
+    if not (model_dir / "config.json").is_file():
+        raise PosttrainError(f"{model_dir} is not a model directory (no config.json, no LoRA adapter)")
+    with load_errors(f"{model_dir}: its config.json cannot be read"):
+        config = AutoConfig.from_pretrained(model_dir)
+    weights = SafetensorsWeights(model_dir)
+
+    def load_model():
+        with load_errors(f"{model_dir}: the model cannot be loaded"):
+            return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+
+    return OpenModel(config, weights, weights.shapes, load_model)
+
+
+def provenance(model_dir: Path, lineage: Lineage, dtype: str, iter_from: str) -> dict:
+    """The checkpoint's `config` entry: plain strings, like the training settings the format keeps there."""
+    entry = {
+        "exported_by": f"posttrain {__version__} export-checkpoint",
+        "model_dir": str(model_dir.resolve()),
+        "stages": " -> ".join(lineage.stages),
+        "dtype": dtype,
+        "iter_num_from": iter_from,
+    }
+    if lineage.conversion and lineage.conversion.get("source"):
+        entry["source_checkpoint"] = str(lineage.conversion["source"])
+    return entry
 
 
 def export_checkpoint(
@@ -233,7 +274,7 @@ def export_checkpoint(
     Every input is checked before anything is written; the file appears only complete (a temporary
     sibling renamed into place), and not at all if --verify fails.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     model_dir, output = Path(model_dir), Path(output)
     if dtype not in DTYPES:
@@ -242,87 +283,53 @@ def export_checkpoint(
         raise PosttrainError(f"model directory {model_dir} does not exist")
     check_output_file(output, overwrite, (model_dir,))
     lineage = read_lineage(model_dir)
-    original = (lineage.conversion or {}).get("model_args")
-    adapter = (model_dir / "adapter_config.json").is_file() and not (model_dir / "config.json").is_file()
-    if adapter:
-        merged = merged_adapter(model_dir, lineage.base)
-        config, weights = merged.config, merged.state_dict()
-        shapes = {k: tuple(v.shape) for k, v in weights.items()}
-    else:
-        if not (model_dir / "config.json").is_file():
-            raise PosttrainError(f"{model_dir} is not a model directory (no config.json, no LoRA adapter)")
-        with load_errors(f"{model_dir}: its config.json cannot be read"):
-            config = AutoConfig.from_pretrained(model_dir)
-        weights = SafetensorsWeights(model_dir)
-        shapes = weights.shapes
-    a, notes = model_args_from_config(config, original, model_dir)
-    a_checked = check_model_args(a, model_dir)  # what convert-checkpoint will read back
-    check_weights(weights, shapes, a_checked, model_dir)
+    conversion = lineage.conversion or {}
+    model = open_model(model_dir, lineage)
+    a, notes = model_args_from_config(model.config, conversion.get("model_args"), model_dir)
+    a_checked = check_model_args(a, model_dir)  # as convert-checkpoint will read them back
+    check_weights(model.weights, model.shapes, a_checked, model_dir)
     with load_errors(f"{model_dir}: its tokenizer cannot be loaded (it is how the vocabulary is checked)"):
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
     check_vocab(tokenizer, str(model_dir), a_checked["vocab_size"])
-    if original is None:
+    if "model_args" not in conversion:
         notes.append(
             f"no {CONVERSION_REPORT} along {' -> '.join(lineage.stages)}: model_args fields config.json lacks "
             "(activation, attention_backend, dropouts, ffn_expansion_ratio) take defaults"
         )
     for note in notes:
         print(f"note: {note}", file=sys.stderr)
-
-    if iter_num is None:
-        from_conversion = (lineage.conversion or {}).get("iter_num")
-        iter_num, iter_from = (from_conversion, CONVERSION_REPORT) if type(from_conversion) is int else (0, "default")
-    else:
+    if iter_num is not None:
         iter_from = "--iter-num"
+    elif type(conversion.get("iter_num")) is int:
+        iter_num, iter_from = conversion["iter_num"], CONVERSION_REPORT
+    else:
+        iter_num, iter_from = 0, "default"
+
     target = DTYPES[dtype]
-    tokens = logits = None
     if verify:  # the Hugging Face side first, so its fp32 copy is gone before the export is built
         tokens = verify_tokens(a_checked)
-        with load_errors(f"{model_dir}: the model cannot be loaded"):
-            model = merged if adapter else AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-        logits = hf_logits(model, tokens, target)
-        del model
-    if adapter:
-        del merged
-
+        logits = hf_logits(model.load_model(), tokens, target)
     state = {}
-    for key, tensor in hf_to_source(weights, a_checked, target):
+    for key, tensor in hf_to_source(model.weights, a_checked, target):
         bad = non_finite(tensor)
         if bad:
             raise PosttrainError(f"{model_dir}: weight for '{key}' holds {bad} values; refusing to export it")
         state[key] = tensor
-    n_weights = len(state)
+    report = {"output": str(output), "model_args": a, "iter_num": iter_num, "iter_num_from": iter_from}
+    report.update(stages=lineage.stages, dtype=dtype, weights=len(state), verification=None)
     state.update(source_buffers(a_checked))
-    config_entry = {
-        "exported_by": tool_version(),
-        "model_dir": str(model_dir.resolve()),
-        "stages": " -> ".join(lineage.stages),
-        "dtype": dtype,
-        "iter_num_from": iter_from,
-    }
-    if lineage.conversion and lineage.conversion.get("source"):
-        config_entry["source_checkpoint"] = str(lineage.conversion["source"])
+    del model
     ckpt = {
         "model": state,
         "model_args": a,
         "iter_num": iter_num,
         "best_val_loss": math.inf,  # never measured on the pre-training validation set
-        "config": config_entry,
-    }
-    report = {
-        "output": str(output),
-        "model_args": a,
-        "iter_num": iter_num,
-        "iter_num_from": iter_from,
-        "stages": lineage.stages,
-        "dtype": dtype,
-        "weights": n_weights,
-        "verification": None,
+        "config": provenance(model_dir, lineage, dtype, iter_from),
     }
     needed = sum(t.numel() * t.element_size() for t in {id(t): t for t in state.values()}.values())
     with atomic_output_file(output, overwrite=overwrite, inputs=(model_dir,), needed_bytes=needed) as tmp:
         torch.save(ckpt, tmp)
-        del ckpt, state, weights
+        del ckpt, state
         if verify:  # the file as convert-checkpoint reads it: mmap, weights_only, every check
             written = load_checkpoint(tmp)
             back = check_model_args(written["model_args"], tmp)

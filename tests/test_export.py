@@ -353,3 +353,14 @@ def test_atomic_output_file_keeps_the_old_file_on_failure(tmp_path):
         tmp.write_bytes(b"new")
     assert target.read_bytes() == b"new" and os.listdir(tmp_path) == ["out.bin"]
     assert target.stat().st_mode & 0o777 == 0o666 & ~umask()
+
+
+def test_a_model_of_unknown_origin_gets_model_args_from_its_config(tiny_model_dir, tmp_path, capsys):
+    """No conversion.json to follow: the config's fields, defaults for the rest, and a note saying so."""
+    shutil.copytree(tiny_model_dir, tmp_path / "m", ignore=shutil.ignore_patterns("conversion.json"))
+    report = export.export_checkpoint(tmp_path / "m", tmp_path / "ckpt.pt", iter_num=None)
+    assert report["model_args"] == {**fixtures.tiny_model_args(), "activation": "silu"}
+    assert report["iter_num"] == 0 and report["iter_num_from"] == "default"
+    assert f"note: no conversion.json along {tmp_path / 'm'} (no conversion.json or recipe.resolved.yaml" in (
+        capsys.readouterr().err
+    )
