@@ -12,9 +12,9 @@ model's config.json holds taken from it. A LoRA adapter directory is merged into
 export (as `merge_lora_after_training` would). What the format cannot hold is refused: biases,
 QK-norm, RoPE scaling, another architecture, a resized vocabulary.
 
-Memory: the safetensors files are read one tensor at a time, so the peak is about the exported model
-(plus, with --verify, the Hugging Face model in fp32 for one forward pass, freed before the export is
-built). --verify reads the written file back as convert-checkpoint would and compares its reference
+Memory: the safetensors files are read one tensor at a time, so the peak is about the exported model.
+--verify first runs the Hugging Face model in fp32 (with its mapped shards ~3x a bf16 model, as
+convert-checkpoint --verify), freed before the export is built. It reads the written file back as convert-checkpoint would and compares its reference
 forward (posttrain/conversion/source_model.py) with the Hugging Face model's logits; above 1e-4
 nothing is left.
 """
