@@ -127,6 +127,76 @@ def generate_ids(
     return new_tokens, len(new_tokens) > 0 and new_tokens[-1] in stop
 
 
+def generate_batch(
+    model,
+    tokenizer,
+    conversations: list[list[dict]],
+    max_new_tokens: int = 256,
+    batch_size: int = 8,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    num_return_sequences: int = 1,
+    seed: int | None = None,
+    **generate_kwargs,
+) -> list[list[tuple[list[int], bool]]]:
+    """For each conversation, in order, `num_return_sequences` replies as generate_ids gives one: (token ids,
+    the stop token included; whether it ended on one). Batched by prompt length: the conversations are sorted
+    by their rendered length and cut into left-padded batches of `batch_size`, so little is padding. Each
+    batch's max_new_tokens is capped at the room its longest prompt leaves (with a note). With `seed`, each
+    batch samples after `torch.manual_seed(seed + its index)`: the same call gives the same replies."""
+    import torch
+
+    rendered = [tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=False) for c in conversations]
+    ids = tokenizer(rendered, add_special_tokens=False)["input_ids"]
+    context = model.config.max_position_embeddings
+    too_long = next((i for i, x in enumerate(ids) if len(x) >= context), None)
+    if too_long is not None:
+        raise PosttrainError(
+            f"conversation {too_long + 1} is {len(ids[too_long])} tokens, and the model's context is {context}: "
+            "no room for a reply"
+        )
+    order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
+    stop = _stop_token_ids(tokenizer)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop[0]
+    sampling = dict(do_sample=True, temperature=temperature, top_p=top_p) if do_sample else dict(do_sample=False)
+    results: list = [None] * len(ids)
+    capped = False
+    for b, start in enumerate(range(0, len(order), batch_size)):
+        members = order[start : start + batch_size]
+        width = max(len(ids[i]) for i in members)
+        budget = min(max_new_tokens, context - width)
+        capped |= budget < max_new_tokens
+        input_ids = torch.tensor([[pad] * (width - len(ids[i])) + ids[i] for i in members], device=model.device)
+        mask = torch.tensor([[0] * (width - len(ids[i])) + [1] * len(ids[i]) for i in members], device=model.device)
+        if seed is not None:
+            torch.manual_seed(seed + b)
+        with torch.inference_mode():
+            output = model.generate(
+                input_ids=input_ids,
+                attention_mask=mask,
+                max_new_tokens=budget,
+                eos_token_id=stop,
+                pad_token_id=pad,
+                num_return_sequences=num_return_sequences,
+                **sampling,
+                **generate_kwargs,
+            )
+        new = output[:, width:].tolist()
+        for j, i in enumerate(members):
+            replies = []
+            for row in new[j * num_return_sequences : (j + 1) * num_return_sequences]:
+                end = next((k + 1 for k, token in enumerate(row) if token in stop), len(row))
+                replies.append((row[:end], end > 0 and row[end - 1] in stop))
+            results[i] = replies
+    if capped:
+        print(
+            f"note: max_new_tokens {max_new_tokens} capped where a prompt left less room in the context",
+            file=sys.stderr,
+        )
+    return results
+
+
 def generate_turn(model, tokenizer, messages: list[dict], **kwargs) -> tuple[str, bool]:
     """(the assistant's next message without special tokens, whether it ended with a stop token);
     kwargs as generate_ids."""
