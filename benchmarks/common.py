@@ -29,6 +29,21 @@ def model_config(**source_overrides):
     return llama_config({**QWEN3_1_8B_ARGS, **source_overrides}, "bfloat16")
 
 
+SYNC_S = 0.015  # modelled per-update gradient reduce-scatter + weight all-gather + sharded Adam, ZeRO-2, NVLink
+# Dense bf16 peak, TFLOP/s, by a substring of torch.cuda.get_device_name(); the longest match wins.
+PEAK_TFLOPS = {
+    "A100": 312,
+    "H100": 989,
+    "H100 PCIE": 756,
+    "H800": 989,
+    "H200": 989,
+    "GH200": 989,
+    "B200": 2250,
+    "GB200": 2500,
+    "L40S": 362,
+}
+
+
 def param_count(c) -> int:
     """Parameters of a LlamaForCausalLM, from its config alone."""
     E, F, V, L = c.hidden_size, c.intermediate_size, c.vocab_size, c.num_hidden_layers
@@ -48,6 +63,16 @@ def matmul_params(c) -> int:
 
 def train_flops_per_token(c) -> float:
     return 6 * matmul_params(c)
+
+
+def forward_flops(c, processed_tokens: int, dense_rows=(), causal_sequences=()) -> float:
+    """Model FLOPs of one forward pass (a backward costs two): 2 x matmul parameters per processed token
+    (padding included), plus the attention scores and their use (QK^T, AV) in every layer: 4 x T^2 x hidden
+    for each row of T tokens run under an explicit mask (sdpa then computes every entry; a padded or a
+    packed row), 2 x L^2 x hidden for each sequence of L under a causal varlen kernel (flash-attention
+    computes only each sequence's own lower triangle)."""
+    attention = 4 * sum(t * t for t in dense_rows) + 2 * sum(n * n for n in causal_sequences)
+    return 2 * matmul_params(c) * processed_tokens + attention * c.hidden_size * c.num_hidden_layers
 
 
 # ----------------------------------------------------------------------------- the tiny model
@@ -107,6 +132,35 @@ class StepTimer(TrainerCallback):
     def figures(self) -> dict:
         """What the benchmarks report of a timed run."""
         return {"timed_steps": self.steps, "seconds": self.seconds, "real_tokens_per_s": self.tokens / self.seconds}
+
+
+class PaddingMeter:
+    """The padding a trainer's model really computes: real tokens (the attention mask's ones in each batch
+    the data collator builds) against the tokens the policy's transformer body is called with.
+
+        meter = PaddingMeter(trainer); trainer.train(); meter.fraction()   # pad tokens / processed tokens
+
+    Padded, the body gets the collator's (B, L) batch; padding-free, one row of its real tokens. Attach it
+    after the trainer is built (a reference pass in its construction is not counted) and before training.
+    """
+
+    def __init__(self, trainer):
+        self.real = self.processed = 0
+        collate = trainer.data_collator
+
+        def counting_collator(examples):
+            batch = collate(examples)
+            self.real += int(batch["attention_mask"].sum())
+            return batch
+
+        def count_body_tokens(module, args, kwargs):
+            self.processed += kwargs["input_ids"].numel()
+
+        trainer.data_collator = counting_collator
+        trainer.model.model.register_forward_pre_hook(count_body_tokens, with_kwargs=True)
+
+    def fraction(self) -> float:
+        return 1 - self.real / self.processed
 
 
 # -------------------------------------------------------------------- synthetic data shapes

@@ -1,4 +1,4 @@
-"""Benchmark `convert-checkpoint` on a full-size synthetic Qwen3-1.8B checkpoint.
+"""Benchmark `convert-checkpoint` and `export-checkpoint` on a full-size synthetic Qwen3-1.8B checkpoint.
 
 Writes a random checkpoint in the real layout (fixtures.QWEN3_1_8B_ARGS: MHA,
 d_ff 5461, bf16 weights, `_orig_mod.` prefix, RoPE buffers, AdamW state with
@@ -7,7 +7,10 @@ it in a subprocess, and reports the conversion's wall time and peak RSS (the
 child's ru_maxrss). The checkpoint is written by another subprocess: on Linux a
 child's ru_maxrss starts from its parent's peak (fork/exec), so the parent
 must stay small for the figure to be the converter's own. Then, unless --no-verify, converts again with --verify and
-reports that run separately. Deletes the checkpoint afterwards unless --keep.
+reports that run separately. Then the way back: the source checkpoint is deleted (so the disk
+holds at most the checkpoint and the converted model, ~15 GB) and the converted model is exported to
+a .pt with `export-checkpoint`, and again with --verify (unless --no-verify), each timed the same way.
+Deletes everything afterwards unless --keep.
 
     python benchmarks/convert_full_size.py [--workdir DIR] [--keep] [--no-verify] [--tokenizer qwen3|DIR]
 
@@ -15,7 +18,8 @@ The tokenizer is the built-in Qwen3 one (`--tokenizer qwen3`, the real run's), s
 also loads and saves the 151,669-token tokenizer.
 
 Targets: under 3 minutes, peak RSS under 2x the converted model
-(loading the whole file would need 3x); stretch ~1x.
+(loading the whole file would need 3x); stretch ~1x. The export has the same targets: it holds the
+exported model (1x) and one tensor being read.
 """
 
 from __future__ import annotations
@@ -77,6 +81,21 @@ def run_convert(ckpt: Path, tokenizer: str, out: Path, *extra: str) -> dict:
     )
 
 
+def run_export(model_dir: Path, out: Path, *extra: str) -> dict:
+    return run_measured("-m", "posttrain.export", str(model_dir), "--output", str(out), *extra)
+
+
+def against_model(label: str, run: dict, model_bytes: int) -> dict:
+    """Add the peak RSS as a multiple of the converted model's size, and print the run's figures."""
+    run["peak_rss_over_model"] = round(run["peak_rss_bytes"] / model_bytes, 2)
+    print(
+        f"{label}: {run['wall_s']} s, peak RSS {run['peak_rss_bytes'] / 1e9:.2f} GB = {run['peak_rss_over_model']}x "
+        f"the converted model ({model_bytes / 1e9:.2f} GB); " + " ".join(run["stdout"]),
+        flush=True,
+    )
+    return run
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workdir", default=None, help="where the ~11 GB checkpoint goes (default: a temp dir)")
@@ -103,12 +122,7 @@ def main() -> None:
         drop_from_page_cache(ckpt)
         convert = run_convert(ckpt, tokenizer, out)
         model_bytes = sum(f.stat().st_size for f in out.glob("*.safetensors"))
-        convert["peak_rss_over_model"] = round(convert["peak_rss_bytes"] / model_bytes, 2)
-        print(
-            f"convert: {convert['wall_s']} s, peak RSS {convert['peak_rss_bytes'] / 1e9:.2f} GB "
-            f"= {convert['peak_rss_over_model']}x the converted model ({model_bytes / 1e9:.2f} GB)",
-            flush=True,
-        )
+        against_model("convert", convert, model_bytes)
         result = {
             "model_args": fixtures.QWEN3_1_8B_ARGS,
             "tokenizer": tokenizer,
@@ -120,17 +134,23 @@ def main() -> None:
             "passed": convert["wall_s"] < 180 and convert["peak_rss_over_model"] < 2.0,
             "machine": {"cpus": os.cpu_count(), "ram_bytes": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")},
             "note": "checkpoint evicted from the page cache before the first conversion (read from disk); "
-            "the --verify run reads it warm",
+            "the --verify run reads it warm; the converted model's shards likewise before the first export",
         }
         if not args.no_verify:
             verify = run_convert(ckpt, tokenizer, out, "--verify", "--overwrite")
-            verify["peak_rss_over_model"] = round(verify["peak_rss_bytes"] / model_bytes, 2)
-            print(
-                f"convert --verify: {verify['wall_s']} s, peak RSS {verify['peak_rss_bytes'] / 1e9:.2f} GB; "
-                + " ".join(verify["stdout"]),
-                flush=True,
-            )
-            result["convert_verify"] = verify
+            result["convert_verify"] = against_model("convert --verify", verify, model_bytes)
+
+        ckpt.unlink()  # the way back needs only the converted model: at most ~15 GB on disk at any time
+        exported = work / "ckpt_exported.pt"
+        for shard in out.glob("*.safetensors"):
+            drop_from_page_cache(shard)
+        back = against_model("export", run_export(out, exported), model_bytes)
+        back["bytes"] = exported.stat().st_size
+        result["export"] = back
+        result["passed"] = result["passed"] and back["wall_s"] < 180 and back["peak_rss_over_model"] < 2.0
+        if not args.no_verify:
+            verify = run_export(out, exported, "--verify", "--overwrite")
+            result["export_verify"] = against_model("export --verify", verify, model_bytes)
         RESULTS.parent.mkdir(parents=True, exist_ok=True)
         RESULTS.write_text(json.dumps(result, indent=2) + "\n")
         print(f"wrote {RESULTS}")

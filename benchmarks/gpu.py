@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Every stage of the pipeline on the real model shape, on one CUDA GPU: what the production runs will cost.
 
-    python benchmarks/gpu.py [--steps 10] [--output benchmarks/results/gpu.json]     # ~3-5 min, at most 8
+    python benchmarks/gpu.py [--steps 10] [--output benchmarks/results/gpu.json]     # ~4-6 min, at most 10
 
 A randomly initialised LlamaForCausalLM of the converted Qwen3-1.8B's shape (24 layers, hidden
 2048, 16 heads MHA, d_ff 5461, vocab 151,669, rope_theta 1e6, untied: 1,829,246,976
@@ -13,8 +13,10 @@ parameters), run by the same trainers and settings as the recipes, one after the
   flash_attention_2 when flash-attn is installed.
 - DPO (posttrain's DPO trainer, i.e. TRL's DPOTrainer, as recipes/dpo.yaml: 2 pairs per step,
   max_length 2048) on UltraFeedback-shaped pairs (benchmarks/dpo_padding.py's assumption): pairs/s
-  with a live bf16 reference, and with precomputed reference log-probs (training pairs/s and the
-  reference pass's pairs/s), peak memory of each.
+  padded with a live bf16 reference, and with precomputed reference log-probs (training pairs/s and
+  the reference pass's pairs/s); padding-free (`padding_free: true`, the recipe's) with a live
+  reference, with sdpa and with flash_attention_2 when flash-attn is installed; the peak memory and
+  the padding the policy really computed of each.
 - On-policy pairs (posttrain/generate_pairs.py as recipes/generate_pairs.yaml): sampling through
   posttrain's generate_batch (bf16, 16 prompts x 5 samples per call, temperature 0.8): decoded
   tokens/s (a random model rarely stops, so every sequence decodes the whole budget: the rate of
@@ -48,7 +50,10 @@ from pathlib import Path
 
 from common import (
     DPO_TRAIN_PAIRS,
+    PEAK_TFLOPS,
     RECIPES,
+    SYNC_S,
+    PaddingMeter,
     StepTimer,
     computed_figures,
     model_config,
@@ -64,21 +69,8 @@ BENCHMARKS = Path(__file__).resolve().parent
 RESULTS = BENCHMARKS / "results" / "gpu.json"
 GPUS = 8
 SEQ = 2048  # max_length of both recipes
-SYNC_S = 0.015  # modelled per-update gradient reduce-scatter + weight all-gather + sharded Adam, ZeRO-2, NVLink
 # ARC-Easy (2,376 test questions), ARC-Challenge (1,172), OpenBookQA (500): ~4 choices, one request each
 EVAL_REQUESTS = 4 * (2_376 + 1_172 + 500)
-# Dense bf16 peak, TFLOP/s, by a substring of torch.cuda.get_device_name(); the longest match wins.
-PEAK_TFLOPS = {
-    "A100": 312,
-    "H100": 989,
-    "H100 PCIE": 756,
-    "H800": 989,
-    "H200": 989,
-    "GH200": 989,
-    "B200": 2250,
-    "GB200": 2500,
-    "L40S": 362,
-}
 
 
 # --------------------------------------------------------------------------- arithmetic (tested on CPU)
@@ -215,7 +207,9 @@ def measure_sft(config, device: Device, attn: str, args) -> dict:
     }
 
 
-def measure_dpo(config, device: Device, precompute: bool, args) -> dict:
+def measure_dpo(
+    config, device: Device, precompute: bool, args, padding_free: bool = False, attn: str = "sdpa"
+) -> dict:
 
     from posttrain.demo.fixtures import build_tokenizer
     from posttrain.dpo import DPOConfig, PreferenceTrainer
@@ -237,8 +231,8 @@ def measure_dpo(config, device: Device, precompute: bool, args) -> dict:
     pairs = [tuple(max(n // scale, 2) for n in pair) for pair in ultrafeedback_lengths(steps * pairs_per_step)]
     tokenizer = build_tokenizer()
     timer = StepTimer(skip=args.warmup, sync=device.sync)
-    policy = device.model(config, "float32")
-    reference = None if precompute else device.model(config, "bfloat16")  # the frozen bf16 replica of ZeRO-2
+    policy = device.model(config, "float32", attn)
+    reference = None if precompute else device.model(config, "bfloat16", attn)  # the frozen bf16 replica of ZeRO-2
     if reference is not None:
         reference.load_state_dict(policy.state_dict())
     with tempfile.TemporaryDirectory() as out:
@@ -253,16 +247,21 @@ def measure_dpo(config, device: Device, precompute: bool, args) -> dict:
                 per_device_train_batch_size=pairs_per_step,
                 precompute_ref_log_probs=precompute,
                 precompute_ref_batch_size=8,
+                padding_free=padding_free,
             ),
             processing_class=tokenizer,
             train_dataset=preference_dataset(pairs, tokenizer),
             callbacks=[timer],
         )
         timer.trainer = trainer
+        meter = PaddingMeter(trainer)
         trainer.train()
     del trainer, policy, reference
     result = {
         "reference": "precomputed" if precompute else "live (bf16)",
+        "padding_free": padding_free,
+        "attn_implementation": attn,
+        "padding_fraction": meter.fraction(),
         "seconds_per_step": timer.seconds / timer.steps,
         "pairs_per_s": timer.steps * pairs_per_step / timer.seconds,
         "real_tokens_per_s": timer.tokens / timer.seconds,
@@ -406,6 +405,11 @@ def implied_wall_times(sft_tokens_per_s: float, dpo: dict, eval_rps: float | Non
 
     sft, dpo_figures = computed_figures("sft"), computed_figures("dpo")
     live, pre = dpo["live"], dpo["precomputed"]
+    padding_free = max(
+        (run for name, run in dpo.items() if name.startswith("live_padding_free_")),
+        key=lambda run: run["pairs_per_s"],
+        default=None,
+    )
     return {
         "gpus": GPUS,
         "sync_s_per_update_modelled": SYNC_S,
@@ -416,6 +420,12 @@ def implied_wall_times(sft_tokens_per_s: float, dpo: dict, eval_rps: float | Non
         "dpo_1_epoch_precomputed_reference_s": dpo_wall_time_s(
             DPO_TRAIN_PAIRS, dpo_figures["updates in all"], pre["pairs_per_s"], pre["reference_pass_pairs_per_s"]
         ),
+        # the recipe's setting, at the faster of its attention implementations
+        "dpo_1_epoch_live_reference_padding_free_s": dpo_wall_time_s(
+            DPO_TRAIN_PAIRS, dpo_figures["updates in all"], padding_free["pairs_per_s"]
+        )
+        if padding_free
+        else None,
         "eval_arc_obqa_one_gpu_s": EVAL_REQUESTS / eval_rps if eval_rps else None,
     }
 
@@ -442,6 +452,8 @@ def main(argv=None) -> None:
     for run in sft.values():
         run["mfu"] = mfu(run["real_tokens_per_s"], train_flops_per_token(config), peak * 1e12) if peak else None
     dpo = {name: measure_dpo(config, device, name == "precomputed", args) for name in ("live", "precomputed")}
+    for attn in attns:
+        dpo[f"live_padding_free_{attn}"] = measure_dpo(config, device, False, args, padding_free=True, attn=attn)
     evaluation = measure_eval(config, device, args)
     sampling, scoring = measure_sampling(config, device, args), measure_scoring(config, device, args)
     best_sft = max(run["real_tokens_per_s"] for run in sft.values())

@@ -36,7 +36,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
-from common import StepTimer, model_config, param_count, timed_run_args, tiny_model  # noqa: E402
+from common import StepTimer, forward_flops, model_config, timed_run_args, tiny_model  # noqa: E402
 
 from posttrain.demo.fixtures import alpaca_lengths, build_tokenizer, random_token_rows  # noqa: E402
 
@@ -94,32 +94,24 @@ def throughput(rows: list[list[int]], **sft_args) -> dict:
 
 
 def modelled_compute(lengths: list[int], packed_rows: int) -> dict:
-    """Training FLOPs per real token of the real 1.8B shape, relative to bfd packing with a varlen kernel.
-
-    Matmuls: 6 x N_matmul per processed token (pad tokens included). Attention scores and their
-    use (QK^T, AV; forward + backward): 12 x T^2 x hidden per row and layer when a mask is given
-    (sdpa then computes every entry), 6 x L^2 x hidden per sequence for a causal varlen kernel
-    (flash-attention computes only each conversation's own lower triangle).
-    """
+    """Training FLOPs per real token of the real 1.8B shape, relative to bfd packing with a varlen kernel:
+    3 forwards' worth (forward + backward) of `common.forward_flops`, with the attention each batching runs."""
 
     c = model_config()
-    E, layers = c.hidden_size, c.num_hidden_layers
-    n_matmul = param_count(c) - c.vocab_size * E - (2 * layers + 1) * E  # no embedding lookup, no norms
     order = torch.randperm(len(lengths), generator=torch.Generator().manual_seed(0)).tolist()
     shuffled = [lengths[i] for i in order]
     batches = [shuffled[i : i + BATCH] for i in range(0, len(shuffled), BATCH)]
     real = sum(lengths)
 
-    def per_token(processed, attention):
-        return (6 * n_matmul * processed + attention * E * layers) / real
+    def per_token(processed, **attention):
+        return 3 * forward_flops(c, processed, **attention) / real
 
+    padded = [max(b) for b in batches for _ in b]  # every row of a batch as wide as its longest
     flops = {
-        "pad_every_row_to_2048": per_token(len(lengths) * SEQ, 12 * len(lengths) * SEQ**2),
-        f"padded_per_batch_of_{BATCH}": per_token(
-            sum(len(b) * max(b) for b in batches), sum(12 * len(b) * max(b) ** 2 for b in batches)
-        ),
-        "bfd_packed_sdpa": per_token(real, 12 * packed_rows * SEQ**2),
-        "bfd_packed_flash_attention_varlen": per_token(real, sum(6 * n**2 for n in lengths)),
+        "pad_every_row_to_2048": per_token(len(lengths) * SEQ, dense_rows=[SEQ] * len(lengths)),
+        f"padded_per_batch_of_{BATCH}": per_token(sum(padded), dense_rows=padded),
+        "bfd_packed_sdpa": per_token(real, dense_rows=[SEQ] * packed_rows),
+        "bfd_packed_flash_attention_varlen": per_token(real, causal_sequences=lengths),
     }
     best = flops["bfd_packed_flash_attention_varlen"]
     return {"flops_per_real_token": flops, "relative_to_packed_varlen": {k: v / best for k, v in flops.items()}}

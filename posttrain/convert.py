@@ -127,9 +127,27 @@ def reference_for_verify(weights: dict, a: dict, dtype: torch.dtype) -> tuple[to
     """
     from posttrain.conversion.source_model import reference_logits
 
-    n = min(VERIFY_TOKENS, a["block_size"])
-    tokens = torch.randint(0, a["vocab_size"], (1, n), generator=torch.Generator().manual_seed(0))
+    tokens = verify_tokens(a)
     return tokens, reference_logits(weights, a, tokens, weight_dtype=dtype)
+
+
+def verify_tokens(a: dict) -> torch.Tensor:
+    """The fixed token sequence --verify compares logits on (also export-checkpoint's)."""
+    n = min(VERIFY_TOKENS, a["block_size"])
+    return torch.randint(0, a["vocab_size"], (1, n), generator=torch.Generator().manual_seed(0))
+
+
+def compare_logits(logits: torch.Tensor, expected: torch.Tensor, dtype: str) -> dict:
+    """The verification result: max |logit difference| of two fp32 forwards on the same tokens."""
+    diff = (logits - expected).abs().max().item()
+    return {
+        "max_abs_logit_diff": diff,
+        "tolerance": FP32_TOLERANCE,
+        "tokens": logits.shape[1],
+        "compute_dtype": "float32",
+        "weights_dtype": dtype,
+        "passed": diff <= FP32_TOLERANCE,
+    }
 
 
 def verify_logits(model_dir: Path, tokens: torch.Tensor, expected: torch.Tensor, dtype: str) -> dict:
@@ -138,15 +156,21 @@ def verify_logits(model_dir: Path, tokens: torch.Tensor, expected: torch.Tensor,
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     with torch.no_grad():
-        diff = (model(tokens).logits - expected).abs().max().item()
-    return {
-        "max_abs_logit_diff": diff,
-        "tolerance": FP32_TOLERANCE,
-        "tokens": tokens.shape[1],
-        "compute_dtype": "float32",
-        "weights_dtype": dtype,
-        "passed": diff <= FP32_TOLERANCE,
-    }
+        return compare_logits(model(tokens).logits, expected, dtype)
+
+
+def report_verification(result: dict, output) -> None:
+    """Print the verify line; a failed check is a PosttrainError saying nothing was written to `output`."""
+    print(
+        f"verify: max |logit diff| = {result['max_abs_logit_diff']:.3e} over {result['tokens']} tokens "
+        f"(tolerance {result['tolerance']:.0e}, fp32 compute, {result['weights_dtype']} weights): "
+        + ("OK" if result["passed"] else "FAILED")
+    )
+    if not result["passed"]:
+        raise PosttrainError(
+            f"verification failed: max |logit diff| {result['max_abs_logit_diff']:.3e} exceeds "
+            f"{result['tolerance']:.0e}; nothing was written to {output}"
+        )
 
 
 def convert_checkpoint(
@@ -202,18 +226,8 @@ def convert_checkpoint(
         ).save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         if reference is not None:
-            result = verify_logits(tmp, *reference, dtype)
-            report["verification"] = result
-            print(
-                f"verify: max |logit diff| = {result['max_abs_logit_diff']:.3e} over {result['tokens']} tokens "
-                f"(tolerance {result['tolerance']:.0e}, fp32 compute, {result['weights_dtype']} weights): "
-                + ("OK" if result["passed"] else "FAILED")
-            )
-            if not result["passed"]:
-                raise PosttrainError(
-                    f"verification failed: max |logit diff| {result['max_abs_logit_diff']:.3e} exceeds "
-                    f"{result['tolerance']:.0e}; nothing was written to {output_dir}"
-                )
+            report["verification"] = verify_logits(tmp, *reference, dtype)
+            report_verification(report["verification"], output_dir)
         (tmp / "conversion.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
     return report
 

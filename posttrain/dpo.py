@@ -8,6 +8,8 @@ fields (plus `posttrain.training.recipe.ScriptArguments`' own and `reference_fre
 Policy and reference both start from `model_name_or_path` (the SFT output); `precompute_ref_log_probs`
 computes the reference's log-probs in one pass and never keeps it, and with `use_peft` the reference is the
 policy with its adapter disabled. `loss_type` is TRL's (a name, or a list weighted by `loss_weights`).
+`padding_free: true` runs the chosen and rejected sequences of a micro-batch as one row without padding
+(posttrain.training.padding_free; TRL 1.16 has it disabled).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from posttrain.data.lengths import drop_unfit_rows
 from posttrain.data.loading import load_datasets, validate_preference_rows
 from posttrain.training.callbacks import add_health_callback, held_out_prompts
 from posttrain.training.dpo_batching import LengthGroupedPairs
+from posttrain.training.padding_free import PaddingFreePairs, check_padding_free
 from posttrain.training.recipe import Recipe
 from posttrain.training.run_dir import (
     claim_output_dir,
@@ -70,7 +73,7 @@ class DPOConfig(trl.DPOConfig):
             )
 
 
-class PreferenceTrainer(LengthGroupedPairs, trl.DPOTrainer):
+class PreferenceTrainer(PaddingFreePairs, LengthGroupedPairs, trl.DPOTrainer):
     """TRL's DPOTrainer, counting the pairs it cannot learn from and serving zero reference log-probs for
     `reference_free`.
 
@@ -126,6 +129,7 @@ def main(recipe: Recipe) -> None:
     train_dataset, eval_dataset = load_datasets(script_args, dataset_args, training_args, validate_preference_rows)
     health_prompts = held_out_prompts(eval_dataset, script_args.health_prompts)
     check_model(model_args, training_args)
+    check_padding_free(model_args, training_args)
     claim_output_dir(training_args, resume)
 
     trainer = build_trainer(PreferenceTrainer, recipe, tokenizer, train_dataset, eval_dataset)

@@ -10,10 +10,14 @@ unknown key is an error that names it. For each model, in the order given:
   with `system_prompt`): acc, acc_norm, their standard errors and n;
 - generation health on `prompts` (greedy, the model's chat template): stop_rate, truncated_rate,
   mean_length, repeat_4gram_rate (posttrain/generation/health.py);
+- with `preference_data`, held-out preference accuracy: how often the model gives the chosen reply a
+  higher log-probability than the rejected one, and the mean margin (posttrain/evaluation/preference.py);
 then paired comparisons (each model against the next, and the first against the last) on the same
-items: difference, 95% interval, p-value (posttrain/evaluation/stats.py). output_dir receives summary.json,
-report.md, scores.png, replies.jsonl and recipe.resolved.yaml, all at once (nothing half-written);
-under several processes only the main one writes.
+items: difference, 95% interval, p-value (posttrain/evaluation/stats.py); with `judge`, the win rate
+of the later model of each such pair, from a judge model's verdicts on the two replies to each prompt
+(posttrain/evaluation/judge.py). output_dir receives summary.json, report.md, scores.png,
+replies.jsonl, judgements/ and recipe.resolved.yaml, all at once (nothing half-written); under
+several processes only the main one writes.
 
 It replaces copying an `lm_eval` command per model: the base model used to be scored without the
 chat template and the trained ones with it, so format and knowledge were mixed up, and nothing said
@@ -34,7 +38,8 @@ if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
 
 from posttrain.data.adapters import DEFAULT_SYSTEM_PROMPT
 from posttrain.data.prompts import load_prompts
-from posttrain.evaluation import harness, report, stats
+from posttrain.evaluation import harness, judge, preference, report, stats
+from posttrain.evaluation.logits import batch_size_of
 from posttrain.generation import health
 from posttrain.outputs.atomic import atomic_output_dir, check_output_dir
 from posttrain.outputs.errors import PosttrainError, run_cli
@@ -86,6 +91,24 @@ class EvalArguments:
             "help": "auto: chat scoring for every model whose tokenizer has a chat template; true: for every model "
             "(one without a template is an error); false: plain scoring only.",
             "choices": ["auto", "true", "false"],
+        },
+    )
+    judge: str | None = field(
+        default=None,
+        metadata={
+            "help": "A causal LM directory with a chat template that judges each model's replies to `prompts` "
+            "against the next model's (and the first against the last): the later model's win rate."
+        },
+    )
+    judge_labels: list[str] = field(
+        default_factory=lambda: list(judge.LABELS),
+        metadata={"help": "The judge's two answer words, for the reply shown first and second: one token each."},
+    )
+    preference_data: str | None = field(
+        default=None,
+        metadata={
+            "help": "Held-out preference pairs (a data_scripts directory's test.jsonl, or a .jsonl of prompt/chosen/"
+            "rejected rows): how often each model gives chosen a higher log-probability than rejected."
         },
     )
     batch_size: str = field(default="8", metadata={"help": "Scoring batch size per process, or 'auto'."})
@@ -151,8 +174,10 @@ def chat_scoring(dirs: dict[str, Path], setting: str, generating: bool) -> dict[
     return {name: setting != "false" and has for name, has in has_template.items()}
 
 
-def evaluate_model(name, path, configs, chat: bool, prompts, args) -> tuple[dict | None, list | None]:
-    """({mode: {task: TaskScore}} (None off the main process), reply records) of one model."""
+def evaluate_model(
+    name, path, configs, chat: bool, prompts, pairs, args
+) -> tuple[dict | None, list | None, dict | None]:
+    """({mode: {task: TaskScore}} (None off the main process), reply records, preference figures) of one model."""
     import torch
 
     lm = harness.load_lm(path, args.batch_size, args.dtype)
@@ -163,11 +188,14 @@ def evaluate_model(name, path, configs, chat: bool, prompts, args) -> tuple[dict
     replies = None
     if prompts:
         model, tokenizer = lm.model, lm.tokenizer
-        replies = health.generate_replies(model, tokenizer, prompts, args.max_new_tokens, desc=f"{name}: replies")
+        replies = health.generate_replies(
+            model, tokenizer, prompts, args.max_new_tokens, batch_size_of(args.batch_size)
+        )
+    preferences = preference.score_model(lm.model, pairs, batch_size_of(args.batch_size)) if pairs else None
     del lm
     gc.collect()
     torch.cuda.empty_cache()
-    return (scores if scores["plain"] is not None else None), replies
+    return (scores if scores["plain"] is not None else None), replies, preferences
 
 
 def check_numbers(args: EvalArguments) -> None:
@@ -188,20 +216,39 @@ def main(args: EvalArguments) -> None:
     task_files = _mapping(args.task_files, "task_files")
     configs = harness.task_configs(args.tasks, task_files)
     chat = chat_scoring(dirs, args.chat_scoring, generating=bool(prompts))
-    inputs = [*dirs.values(), *task_files.values(), *([args.prompts] if args.prompts else [])]
+    judging = (
+        judge.check_judge(args.judge, args.judge_labels, prompts, args.max_new_tokens, list(dirs))
+        if args.judge
+        else None
+    )
+    pairs = preference.check_pairs(args.preference_data, dirs) if args.preference_data else {}
+    named = [p for p in (args.prompts, args.judge, args.preference_data) if p]
+    inputs = [*dirs.values(), *task_files.values(), *named]
     check_output_dir(args.output_dir, args.overwrite_output_dir, inputs)
 
-    scores, replies = {}, {}
+    scores, replies, preferences = {}, {}, {}
     for name, path in dirs.items():
-        scores[name], replies[name] = evaluate_model(name, path, configs, chat[name], prompts, args)
+        scores[name], replies[name], preferences[name] = evaluate_model(
+            name, path, configs, chat[name], prompts, pairs.get(name), args
+        )
+    judged = (
+        judge.judge_replies(judging, prompts, replies, batch_size_of(args.batch_size), args.dtype) if judging else {}
+    )
     if any(s is None for s in scores.values()):  # the harness returns results on the main process only
         return
 
-    comparisons = stats.compare_models(scores)
+    comparisons = stats.compare_models(scores) + (preference.compare_models(preferences) if pairs else [])
     generation = {name: health.health_figures(r) for name, r in replies.items() if r is not None}
     summary = report.build_summary(dirs, scores, generation, comparisons)
+    summary["judgements"] = judge.judgements(judged, replies)
+    if judging:
+        summary["judge"] = judge.describe(judging, dirs)
+    if pairs:
+        for name, items in preferences.items():
+            summary["models"][name]["preference"] = preference.figures(items)
     with atomic_output_dir(args.output_dir, args.overwrite_output_dir, inputs) as tmp:
         report.write_outputs(tmp, summary, prompts, {n: r for n, r in replies.items() if r is not None})
+        judge.write_rows(tmp, judged)
         save_resolved_recipe(tmp, args)
     out = Path(args.output_dir)
     print("\n" + report.scores_table(summary, "acc"))
@@ -209,6 +256,10 @@ def main(args: EvalArguments) -> None:
         print("\n" + report.comparisons_table(comparisons))
     if generation:
         print("\n" + report.generation_table(summary))
+    if summary["judgements"]:
+        print("\n" + report.judgements_table(summary))
+    if pairs:
+        print("\n" + report.preference_table(summary))
     print(f"\nreport: {out / report.REPORT_NAME}\nchart: {out / report.CHART_NAME}")
     print(f"summary: {out / report.SUMMARY_NAME}")
 

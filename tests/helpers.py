@@ -47,14 +47,14 @@ def parse_stage(stage: str, *argv):
     return parse_stage_recipe(stage_config(stage), [str(a) for a in argv])
 
 
-def parse_production_recipe(stage: str):
-    """recipes/<stage>.yaml's argument groups, parsed as on the cluster (use_cpu only because this machine
-    has no GPU for bf16), with deprecation warnings turned into errors."""
+def parse_production_recipe(stage: str, name: str | None = None):
+    """recipes/<name or stage>.yaml's argument groups, parsed as the stage's script does on the cluster (use_cpu
+    only because this machine has no GPU for bf16), with deprecation warnings turned into errors."""
     import warnings
 
     with warnings.catch_warnings():
         warnings.simplefilter("error", FutureWarning)
-        return parse_stage(stage, REPO / "recipes" / f"{stage}.yaml", "--use_cpu", "true").arguments
+        return parse_stage(stage, REPO / "recipes" / f"{name or stage}.yaml", "--use_cpu", "true").arguments
 
 
 def run_stage(stage: str, *argv) -> None:

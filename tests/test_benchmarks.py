@@ -57,6 +57,11 @@ def test_implied_wall_times_use_the_recipe_figures(gpu):
     from recipe_figures import DPO_TRAIN_PAIRS, computed_figures
 
     dpo = {"live": {"pairs_per_s": 10.0}, "precomputed": {"pairs_per_s": 12.0, "reference_pass_pairs_per_s": 30.0}}
+    assert gpu.implied_wall_times(50_000.0, dpo, eval_rps=100.0)["dpo_1_epoch_live_reference_padding_free_s"] is None
+    dpo |= {
+        "live_padding_free_sdpa": {"pairs_per_s": 14.0},
+        "live_padding_free_flash_attention_2": {"pairs_per_s": 16.0},
+    }
     times = gpu.implied_wall_times(50_000.0, dpo, eval_rps=100.0)
     sft = computed_figures("sft")
     updates = computed_figures("dpo")["updates in all"]
@@ -66,6 +71,9 @@ def test_implied_wall_times_use_the_recipe_figures(gpu):
     assert times["dpo_1_epoch_live_reference_s"] == pytest.approx(DPO_TRAIN_PAIRS / 80 + updates * gpu.SYNC_S)
     assert times["dpo_1_epoch_precomputed_reference_s"] == pytest.approx(
         DPO_TRAIN_PAIRS / 96 + updates * gpu.SYNC_S + DPO_TRAIN_PAIRS / 240
+    )
+    assert times["dpo_1_epoch_live_reference_padding_free_s"] == pytest.approx(  # the faster: flash-attention's
+        DPO_TRAIN_PAIRS / 128 + updates * gpu.SYNC_S
     )
     assert times["eval_arc_obqa_one_gpu_s"] == pytest.approx(gpu.EVAL_REQUESTS / 100)
 
@@ -90,6 +98,10 @@ def test_every_stage_runs_on_a_tiny_shape(gpu, tmp_path):
     assert result["sft"]["sdpa"]["real_tokens_per_s"] > 0 and result["sft"]["sdpa"]["mfu"] is None  # no peak: cpu
     assert result["dpo"]["live"]["pairs_per_s"] > 0 and result["dpo"]["precomputed"]["reference_pass_pairs_per_s"] > 0
     assert "reference_pass_pairs_per_s" not in result["dpo"]["live"]
+    # Padded, the policy computes pad tokens; padding-free (sdpa on CPU), none.
+    padded, packed = result["dpo"]["live"], result["dpo"]["live_padding_free_sdpa"]
+    assert padded["padding_fraction"] > 0.05 and packed["padding_fraction"] == 0 and packed["pairs_per_s"] > 0
+    assert result["implied_wall_time_8_gpus"]["dpo_1_epoch_live_reference_padding_free_s"] > 0
     assert result["eval_loglikelihood"]["requests_per_s"] > 0
     assert result["implied_wall_time_8_gpus"]["sft_3_epochs_s"] > 0
     assert result["on_policy_sampling"]["decoded_tokens_per_s"] > 0 and result["reward_scoring"]["rows_per_s"] > 0

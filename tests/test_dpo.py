@@ -512,6 +512,7 @@ def test_production_recipe():
     assert args.eval_strategy.value == "steps" and script_args.dataset_test_split == "test"
     assert args.save_steps > 0 and args.report_to == ["tensorboard"]
     assert model_args.attn_implementation in ("sdpa", "flash_attention_2")
+    assert args.padding_free and args.train_sampling_strategy == "random"  # no padding: nothing to group
 
 
 # ------------------------------------------------------------ ZeRO-3, 2 processes

@@ -176,12 +176,34 @@ def test_rerun_gives_the_same_bytes_and_a_stopped_run_resumes_without_repeating_
 
 def test_dpo_trains_on_the_output(generated, inputs, tmp_path):
     out, _ = generated
-    recipe = helpers.write_recipe(
-        "dpo", tmp_path / "dpo.yaml", inputs[0], out, tmp_path / "dpo", max_steps=2, eval_steps=2, save_strategy="no"
+    recipe = helpers.write_recipe(  # padding-free, as recipes/dpo_on_policy.yaml trains
+        "dpo",
+        tmp_path / "dpo.yaml",
+        inputs[0],
+        out,
+        tmp_path / "dpo",
+        max_steps=2,
+        eval_steps=2,
+        save_strategy="no",
+        padding_free=True,
     )
     run_stage("dpo", recipe)
     history = log_history(tmp_path / "dpo")
     assert any("rewards/accuracies" in e for e in history) and any("eval_loss" in e for e in history)
+
+
+def test_the_production_recipes_chain():
+    """recipes/dpo_on_policy.yaml trains on what recipes/generate_pairs.yaml writes, from the policy it samples."""
+    import yaml
+
+    sampling = yaml.safe_load((REPO / "recipes" / "generate_pairs.yaml").read_text())
+    args = generate_pairs.parse([str(REPO / "recipes" / "generate_pairs.yaml")])
+    generate_pairs.check_values(args)
+    assert (args.num_samples, args.max_new_tokens, args.test_split) == (5, 1024, 0.05)
+    script_args, training_args, model_args, _ = helpers.parse_production_recipe("dpo", "dpo_on_policy")
+    assert script_args.dataset_name == sampling["output_dir"] and model_args.model_name_or_path == sampling["policy"]
+    reward = yaml.safe_load((REPO / "recipes" / "reward.yaml").read_text())
+    assert sampling["reward_model"] == reward["output_dir"] and reward["model_name_or_path"] == sampling["policy"]
 
 
 def test_the_on_policy_demo_prints_every_pair_with_its_margin(generated, capsys):

@@ -5,8 +5,9 @@ way back.
 Why Llama and not Qwen3: the original has no QK-norm, and Qwen3ForCausalLM always applies one;
 LlamaForCausalLM without biases is exactly this model. The whole mapping is `weight_table`: source
 key -> target key, with the one non-obvious transform (the RoPE permutation) explained where it
-happens. Reading checks every key, shape, dtype and `model_args` field against what Llama can
-represent, and names what it refuses.
+happens; `export-checkpoint` reads the same table backwards (`hf_to_source`). Reading checks every key,
+shape, dtype and `model_args` field against what Llama can represent, and names what it refuses; the
+way back checks that the Hugging Face model is still one the format can hold (`model_args_from_config`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import pickle
 import re
 import sys
 import zipfile
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +30,30 @@ DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 PREFIXES = ("_orig_mod.", "module.")
 # Buffers, not weights: RoPE tables (HF recomputes them from rope_theta) and the causal mask.
 BUFFER_KEY = re.compile(r"blocks\.\d+\.attn\.(rope\.cos_cached|rope\.sin_cached|bias)")
+# Every model_args field the source's model builder reads, in the format's order.
+MODEL_ARGS_FIELDS = (
+    "block_size",
+    "vocab_size",
+    "n_layer",
+    "n_head",
+    "n_embd",
+    "normalization",
+    "norm_eps",
+    "activation",
+    "attention_backend",
+    "num_key_value_heads",
+    "position_encoding",
+    "rope_theta",
+    "norm_position",
+    "ffn_type",
+    "bias",
+    "dropout",
+    "weight_tying",
+    "d_ff",
+    "ffn_expansion_ratio",
+    "attention_dropout",
+    "residual_dropout",
+)
 REQUIRED_ARGS = ("vocab_size", "n_layer", "n_head", "n_embd", "d_ff", "norm_eps", "rope_theta", "block_size")
 POSITIVE_INTS = ("vocab_size", "n_layer", "n_head", "n_embd", "d_ff", "block_size", "num_key_value_heads")
 # model_args fields whose other values LlamaForCausalLM cannot represent exactly.
@@ -67,6 +93,13 @@ def interleaved_to_rotate_half(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     rows, cols = w.shape
     d = rows // n_heads
     return w.reshape(n_heads, d // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
+
+
+def rotate_half_to_interleaved(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """The way back: each head's rows [0, 2, ..., D-2, 1, 3, ..., D-1] return to [0, 1, ..., D-1]."""
+    rows, cols = w.shape
+    d = rows // n_heads
+    return w.reshape(n_heads, 2, d // 2, cols).transpose(1, 2).reshape(rows, cols)
 
 
 def weight_table(a: dict) -> list[tuple[str, str, Rows | None]]:
@@ -124,6 +157,56 @@ def source_shapes(a: dict) -> dict[str, tuple[int, ...]]:
             }
         )
     return shapes
+
+
+def hf_shapes(a: dict) -> dict[str, tuple[int, ...]]:
+    """Every weight the Hugging Face model must hold, with its shape: the table's row blocks of `source_shapes`."""
+    shapes = source_shapes(a)
+    return {
+        target: (rows.stop - rows.start, *shapes[source][1:]) if rows else shapes[source]
+        for target, source, rows in weight_table(a)
+    }
+
+
+def hf_to_source(hf: Mapping[str, torch.Tensor], a: dict, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+    """The table read backwards, one source weight at a time: the row blocks that came from one source
+    matrix (q, k, v of `c_attn`; k, v of `c_kv`) concatenated in row order, the q/k rows put back into
+    interleaved RoPE order, in `dtype`. Tied: the head is the embedding tensor itself, as torch.save
+    writes a tied module. `hf` is read lazily, so only the tensors of one source weight are held at once."""
+    parts: dict[str, list[tuple[str, Rows | None]]] = {}
+    for target, source, rows in weight_table(a):
+        parts.setdefault(source, []).append((target, rows))
+    for source, blocks in parts.items():
+        pieces = []
+        for target, rows in sorted(blocks, key=lambda block: block[1].start if block[1] else 0):
+            t = hf[target]
+            if rows is not None and rows.rope_heads:
+                t = rotate_half_to_interleaved(t, rows.rope_heads)
+            pieces.append(t.to(dtype))
+        weight = torch.cat(pieces) if len(pieces) > 1 else pieces[0].contiguous()
+        del pieces
+        yield source, weight
+        if source == "token_embeddings.weight" and a["weight_tying"]:
+            yield "lm_head.weight", weight
+
+
+def source_buffers(a: dict) -> dict[str, torch.Tensor]:
+    """The buffers the source model saves beside its weights (fp32, one tensor shared by every layer): the
+    RoPE tables of `rope_theta`, and the causal mask of the `manual` attention backend. A strict
+    load_state_dict of the source's model needs them."""
+    from posttrain.conversion.source_model import rope_angles
+
+    angles = rope_angles(a["block_size"], a["n_embd"] // a["n_head"], a["rope_theta"], dtype=torch.float64)
+    cos, sin = angles.cos().float(), angles.sin().float()
+    T = a["block_size"]
+    mask = torch.ones(T, T).tril().view(1, 1, T, T) if a.get("attention_backend") == "manual" else None
+    buffers = {}
+    for i in range(a["n_layer"]):
+        buffers[f"blocks.{i}.attn.rope.cos_cached"] = cos
+        buffers[f"blocks.{i}.attn.rope.sin_cached"] = sin
+        if mask is not None:
+            buffers[f"blocks.{i}.attn.bias"] = mask
+    return buffers
 
 
 # ------------------------------------------------------------ reading the source
@@ -298,3 +381,104 @@ def llama_config(a: dict, dtype: str, eos: list[int] | None = None):
         architectures=["LlamaForCausalLM"],
         dtype=dtype,
     )
+
+
+# model_args fields a Llama config does not hold (they change nothing the model computes at inference): the
+# original's values when the model came from convert-checkpoint, else these (and ffn_expansion_ratio d_ff / n_embd,
+# attention_dropout the config's).
+NOT_IN_LLAMA_CONFIG = {
+    "activation": SWIGLU_ACTIVATION,
+    "attention_backend": "sdpa",
+    "dropout": 0.0,
+    "residual_dropout": 0.0,
+}
+
+
+def check_llama_config(config, path) -> None:
+    """Refuse a Hugging Face model the format cannot hold, naming what it has that the format lacks."""
+    model_type, architectures = getattr(config, "model_type", None), getattr(config, "architectures", None) or []
+    if model_type != "llama":
+        qk_norm = " (its q/k RMSNorm, QK-norm, has no place in the format)" if "qwen3" in str(model_type) else ""
+        raise PosttrainError(
+            f"{path}: model_type {model_type!r} is not Llama{qk_norm}; the pre-training format holds only a "
+            "LlamaForCausalLM without biases, QK-norm or RoPE scaling"
+        )
+    if architectures != ["LlamaForCausalLM"]:
+        raise PosttrainError(
+            f"{path}: architectures {architectures} is not ['LlamaForCausalLM'] (a language model head); "
+            "the pre-training format holds only that"
+        )
+    for field, what in (("attention_bias", "attention"), ("mlp_bias", "MLP")):
+        if getattr(config, field, False):
+            raise PosttrainError(f"{path}: {field} is true, but the pre-training format has no {what} biases")
+    rope = dict(getattr(config, "rope_parameters", None) or {})
+    scaling = {k: v for k, v in rope.items() if k != "rope_theta" and not (k == "rope_type" and v == "default")}
+    if scaling:
+        raise PosttrainError(
+            f"{path}: RoPE scaling {scaling} (rope_parameters); the pre-training format has only plain RoPE "
+            "of rope_theta"
+        )
+    if config.hidden_act != SWIGLU_ACTIVATION:
+        raise PosttrainError(
+            f"{path}: hidden_act {config.hidden_act!r}; the pre-training format's SwiGLU always applies silu"
+        )
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    if head_dim * config.num_attention_heads != config.hidden_size:
+        raise PosttrainError(
+            f"{path}: head_dim {head_dim} x {config.num_attention_heads} heads is not hidden_size "
+            f"{config.hidden_size}, as the pre-training format requires"
+        )
+
+
+def model_args_from_config(config, original: dict | None, path) -> tuple[dict, list[str]]:
+    """The source's `model_args` for a Hugging Face Llama config (the inverse of `llama_config`), and a note
+    for each field that differs from `original` (the model_args convert-checkpoint read, if known).
+
+    The fields the config holds come from it; the rest (dropouts, attention backend, the unused
+    activation, the expansion ratio) are the original's, or defaults. A model that still computes
+    what the original did gets the original model_args back exactly, down to a None
+    num_key_value_heads. A vocabulary of another size than the original's is refused: the
+    pre-training tokenizer no longer fits it.
+    """
+    check_llama_config(config, path)
+    from_config = {
+        "block_size": config.max_position_embeddings,
+        "vocab_size": config.vocab_size,
+        "n_layer": config.num_hidden_layers,
+        "n_head": config.num_attention_heads,
+        "n_embd": config.hidden_size,
+        "normalization": "rmsnorm",
+        "norm_eps": config.rms_norm_eps,
+        "num_key_value_heads": config.num_key_value_heads or config.num_attention_heads,
+        "position_encoding": "rope",
+        "rope_theta": config.rope_parameters["rope_theta"],
+        "norm_position": "pre",
+        "ffn_type": "swiglu",
+        "bias": False,
+        "weight_tying": bool(config.tie_word_embeddings),
+        "d_ff": config.intermediate_size,
+    }
+    defaults = {
+        **NOT_IN_LLAMA_CONFIG,
+        "ffn_expansion_ratio": config.intermediate_size / config.hidden_size,
+        "attention_dropout": float(config.attention_dropout),
+    }
+    if original is None:
+        return {field: from_config.get(field, defaults.get(field)) for field in MODEL_ARGS_FIELDS}, []
+    a, notes = dict(original), []
+    known = check_model_args(original, path)  # num_key_value_heads: None means n_head
+    if from_config["vocab_size"] != known["vocab_size"]:
+        raise PosttrainError(
+            f"{path}: vocab_size {from_config['vocab_size']} no longer matches the original model_args' "
+            f"{known['vocab_size']} (the embedding was resized after conversion); the pre-training tokenizer "
+            "does not fit it"
+        )
+    for field, value in from_config.items():
+        if known[field] != value:
+            notes.append(f"model_args['{field}'] = {value!r} from config.json (the original had {known[field]!r})")
+            a[field] = value
+    for field in MODEL_ARGS_FIELDS:
+        if field not in a:
+            a[field] = from_config.get(field, defaults.get(field))
+            notes.append(f"model_args['{field}'] = {a[field]!r} (the original model_args lacked it)")
+    return a, notes

@@ -97,6 +97,7 @@ def comparisons_table(comparisons: list[dict]) -> str:
             c["test"],
         ]
         for c in comparisons
+        if c["task"] != "preference"  # its margin is in nats, not a share: preference_section shows it
     ]
     return _table(["task", "mode", "metric", "a → b", "Δ pts", "95% interval", "p", "test"], rows)
 
@@ -132,6 +133,87 @@ def samples_section(prompts: list[dict], replies: dict[str, list[dict]], count: 
     return "\n\n".join(blocks)
 
 
+def judgements_table(summary: dict) -> str:
+    """One row per judged pair: the later model's win rate, its interval, p, length-controlled, lengths."""
+    rows = [
+        [
+            f"{j['a']} → {j['b']}",
+            f"{100 * j['win_rate']:.1f}",
+            f"[{100 * j['ci95'][0]:.1f}, {100 * j['ci95'][1]:.1f}]",
+            f"{j['p_value']:.3g}",
+            f"{100 * j['length_controlled_win_rate']:.1f}",
+            f"{j['mean_length_a']:.0f} / {j['mean_length_b']:.0f}",
+            str(j["n"]),
+        ]
+        for j in summary["judgements"]
+    ]
+    header = ["a → b", "win rate of b %", "95% interval", "p (vs 50%)", "length-controlled %", "mean chars a / b", "n"]
+    return _table(header, rows)
+
+
+def judge_section(summary: dict) -> list[str]:
+    """The judge's table and how its figures are made."""
+    judge = summary.get("judge")
+    if not judge or not summary.get("judgements"):
+        return []
+    first, second = judge["labels"]
+    own = judge.get("evaluated_model")
+    caveat = (
+        f" The judge is one of the evaluated models (`{own}`): a model tends to prefer replies like its own, so "
+        "its win rates are a self-consistency check rather than an outside opinion."
+        if own
+        else ""
+    )
+    method = (
+        f"Judge: `{judge['path']}`.{caveat} For each prompt it reads the conversation and both replies, labelled "
+        f"{first} (shown first) and {second}; the verdict is its next-token probability of {first} against "
+        f"{second}, normalised over the two labels (AlpacaEval 2's weighted win rate), no generated text parsed. "
+        "Each pair is judged in both orders and the two verdicts averaged, so a taste for either position "
+        "cancels (a model against itself scores exactly 50%). Win rate: the later model's mean preference over "
+        "the prompts; interval: 95% paired bootstrap over prompts; p: sign-flip permutation test against 50%. "
+        f"Length-controlled: {judge['length_control']}. Per-prompt verdicts: `judgements/<a>_vs_<b>.jsonl`."
+    )
+    return ["## Judge (pairwise win rate of the later model)", judgements_table(summary), method]
+
+
+def preference_table(summary: dict) -> str:
+    """Per model: how often it scores the chosen reply above the rejected one, and the mean margin."""
+    rows = [
+        [name, f"{100 * p['accuracy']:.1f}", f"{p['mean_margin']:+.3f}", str(p["n"])]
+        for name, m in summary["models"].items()
+        if (p := m.get("preference"))
+    ]
+    return _table(["model", "accuracy %", "mean margin (nats)", "n"], rows)
+
+
+def preference_section(summary: dict) -> list[str]:
+    """The preference-accuracy table and its paired comparisons, each metric in its own unit."""
+    if not any(m.get("preference") for m in summary["models"].values()):
+        return []
+    unit = {"accuracy": (100, "pts"), "margin": (1, "nats")}
+    rows = [
+        [
+            f"{c['a']} → {c['b']}",
+            c["metric"],
+            f"{unit[c['metric']][0] * c['delta']:+.3g} {unit[c['metric']][1]}",
+            f"[{unit[c['metric']][0] * c['ci95'][0]:+.3g}, {unit[c['metric']][0] * c['ci95'][1]:+.3g}]",
+            f"{c['p_value']:.3g}",
+            c["test"],
+        ]
+        for c in summary["comparisons"]
+        if c["task"] == "preference"
+    ]
+    reading = (
+        "Held-out preference pairs: accuracy is the share of pairs whose chosen response has the higher summed "
+        "log-probability (the prompt in the model's chat template, tokenized as DPO trains); the margin is "
+        "log p(chosen) − log p(rejected). No reference model is subtracted, so this is not DPO's reward accuracy."
+    )
+    parts = ["## Preference accuracy (held-out pairs)", preference_table(summary), reading]
+    if rows:
+        parts.append(_table(["a → b", "metric", "Δ", "95% interval", "p", "test"], rows))
+    return parts
+
+
 READING = """\
 How to read the comparisons: Δ is b − a in percentage points on the same items; the interval is
 a 95% paired-bootstrap interval of Δ, and p comes from McNemar's exact test (0/1 scores: only
@@ -158,6 +240,8 @@ def report_markdown(summary: dict, prompts: list[dict], replies: dict[str, list[
     if replies:
         parts += ["## Generation health (greedy)", generation_table(summary)]
         parts += ["## Sample replies", samples_section(prompts, replies)]
+    parts += judge_section(summary)
+    parts += preference_section(summary)
     return "\n\n".join(parts) + "\n"
 
 

@@ -15,22 +15,24 @@ stop token (the rest ended on another stop token, such as `<|endoftext|>`). `mea
 reply tokens without the stop token; `repeat_4gram_rate` is the share of a reply's 4-grams that
 repeat an earlier 4-gram of the same reply, pooled over all replies (a looping model scores near 1).
 
-Under several processes the prompts are split between them and the replies gathered (each rank
-generates its share with the whole model: under ZeRO-3, TRL's `unwrap_model_for_generation`
+Replies are generated in left-padded batches of similar length (generate_batch). Under several
+processes the prompts are split between them and the replies gathered (each rank generates its
+share with the whole model: under ZeRO-3, TRL's `unwrap_model_for_generation`
 gathers the parameters first, as TRL's own generation callbacks do).
 """
 
 from __future__ import annotations
 
 from posttrain.conversion.chat_template import IM_END
-from posttrain.generation.generate import generate_ids
+from posttrain.generation.generate import generate_batch
 
 HEALTH_MAX_NEW_TOKENS = 256
+HEALTH_BATCH_SIZE = 8
 NGRAM = 4
 
 
 def reply_record(ids: list[int], ended_on_stop: bool, tokenizer, max_new_tokens: int) -> dict:
-    """What health_figures needs of one reply, and its text, from what chat.generate_ids returns (its token
+    """What health_figures needs of one reply, and its text, from what generate_ids and generate_batch return (its token
     ids, the stop token included, and whether it ended on one)."""
     body = ids[:-1] if ended_on_stop else ids
     return {
@@ -42,29 +44,35 @@ def reply_record(ids: list[int], ended_on_stop: bool, tokenizer, max_new_tokens:
     }
 
 
-def generate_replies(model, tokenizer, prompts: list[dict], max_new_tokens: int, desc: str = "generating") -> list:
+def generate_replies(
+    model, tokenizer, prompts: list[dict], max_new_tokens: int, batch_size: int = HEALTH_BATCH_SIZE
+) -> list:
     """reply_record of the greedy reply to each prompt, in order; the prompts are split between the
-    processes and every process gets all replies. Each process holds the whole model (under ZeRO-3,
-    gathered by the caller), so none waits for the others inside generate: `synced_gpus=False`, which
-    transformers would otherwise turn on under ZeRO-3, where it hangs on unequal shares of prompts."""
+    processes, each generates its share in batches sorted by length (generate_batch), and every process
+    gets all replies. Each process holds the whole model (under ZeRO-3, gathered by the caller), so none
+    waits for the others inside generate: `synced_gpus=False`, which transformers would otherwise turn
+    on under ZeRO-3, where it hangs on unequal shares of prompts."""
     from accelerate import PartialState
     from accelerate.utils import gather_object
-    from tqdm.auto import tqdm
 
     state = PartialState()
     was_training = model.training
     model.eval()
     with state.split_between_processes(list(prompts)) as mine:
-        records = [
-            reply_record(
-                *generate_ids(
-                    model, tokenizer, p["messages"], max_new_tokens=max_new_tokens, do_sample=False, synced_gpus=False
-                ),
+        replies = (
+            generate_batch(
+                model,
                 tokenizer,
-                max_new_tokens,
+                [p["messages"] for p in mine],
+                max_new_tokens=max_new_tokens,
+                batch_size=batch_size,
+                do_sample=False,
+                synced_gpus=False,
             )
-            for p in tqdm(mine, desc=desc, disable=not state.is_main_process, leave=False)
-        ]
+            if mine
+            else []
+        )
+        records = [reply_record(ids, stopped, tokenizer, max_new_tokens) for ((ids, stopped),) in replies]
     model.train(was_training)
     return gather_object(records) if state.num_processes > 1 else records
 

@@ -128,3 +128,56 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def check_output_file(path: str | os.PathLike, overwrite: bool, inputs: Iterable[str | os.PathLike] = ()) -> Path:
+    """The resolved output file; refuse an existing one unless overwrite is set, a directory, an input
+    itself, and a path inside an input directory (a later read of that input would find it there)."""
+    final = resolve_output(path)
+    for item in inputs:
+        resolved = Path(item).resolve()
+        if resolved == final:
+            raise PosttrainError(f"output {path} is the input {item}; choose another output path")
+        if resolved in final.parents and resolved.is_dir():
+            raise PosttrainError(f"output {path} is inside the input directory {item}; choose a path outside it")
+    if final.is_dir():
+        raise PosttrainError(f"output {path} is a directory; name the file to write")
+    if final.exists() and not overwrite:
+        raise PosttrainError(f"output {path} exists; pass --overwrite to replace it")
+    return final
+
+
+@contextlib.contextmanager
+def atomic_output_file(
+    path: str | os.PathLike,
+    overwrite: bool = False,
+    inputs: Iterable[str | os.PathLike] = (),
+    needed_bytes: int | None = None,
+) -> Iterator[Path]:
+    """Yield a temporary file path next to `path`; on success it is renamed over `path`.
+
+    The file counterpart of `atomic_output_dir`, with the same lock, checks and promises: on any
+    exception the temporary file is removed and `path` is as it was, a file-system fault is one line,
+    and the result gets mode 0666 less the umask.
+    """
+    with output_lock(path):
+        final = check_output_file(path, overwrite, inputs)
+        try:
+            if needed_bytes is not None:
+                check_free_space(final.parent, needed_bytes, f"output {path}")
+            fd, name = tempfile.mkstemp(prefix=f".{final.name}.tmp-", dir=final.parent)
+            os.close(fd)
+        except OSError as err:
+            raise file_system_error(err, f"output {path}", final.parent) or err from None
+        tmp = Path(name)
+        try:
+            yield tmp
+            os.chmod(tmp, 0o666 & ~umask())
+            os.replace(tmp, final)
+        except BaseException as err:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+            fs_error = file_system_error(err, f"output {path}", final.parent)
+            if fs_error is not None and os_errno(err) in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+                raise PosttrainError(f"{fs_error}; nothing was written") from None
+            raise

@@ -51,9 +51,7 @@ class GenerationHealthCallback(TrainerCallback):
             trainer.accelerator,
             gradient_checkpointing_kwargs=args.gradient_checkpointing_kwargs,
         ) as model:
-            replies = generate_replies(
-                model, trainer.processing_class, self.prompts, self.max_new_tokens, desc="generation health"
-            )
+            replies = generate_replies(model, trainer.processing_class, self.prompts, self.max_new_tokens)
         figures = health_figures(replies)
         trainer.log({f"eval_{k}": v for k, v in figures.items() if k != "n"})
 
