@@ -156,6 +156,36 @@ def test_a_directory_a_kill_left_renamed_away_is_put_back(tmp_path):
     assert siblings(tmp_path) == ["out"] and (tmp_path / "out" / "model.txt").read_text() == "finished"
 
 
+@pytest.mark.parametrize("name", [".out.lock", ".out.tmp-abcd1234", ".out.old-4242"])
+@pytest.mark.parametrize("kind", ["symlink", "fifo"])
+def test_a_lock_or_leftover_path_this_tool_did_not_make_is_refused_and_never_followed(tmp_path, name, kind):
+    """A symlink (or a fifo) at the lock or a leftover's name: refused in one line naming it, its target as it was,
+    with --overwrite too (the output directory and whatever the link points at keep their files)."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "precious.txt").write_text("keep me")
+    target = elsewhere if name != ".out.lock" else elsewhere / "precious.txt"
+    work = tmp_path / "work"
+    (work / "out").mkdir(parents=True)
+    (work / "out" / "model.txt").write_text("finished")
+    path = work / name
+    os.symlink(target, path) if kind == "symlink" else os.mkfifo(path)
+    if name == ".out.old-4242":
+        (work / "out").rename(work / "gone")  # the case where a leftover old directory would be put back
+    for overwrite in (False, True):
+        with pytest.raises(PosttrainError) as err:
+            with atomic_output_dir(work / "out", overwrite=overwrite) as tmp:
+                (tmp / "new.txt").write_text("new")
+        assert str(err.value).startswith(f"{path} is {'a symlink' if kind == 'symlink' else 'not a regular'}")
+        assert str(err.value).endswith(f"remove it yourself: rm {path}")
+        assert "\n" not in str(err.value)
+        assert sorted(p.name for p in elsewhere.iterdir()) == ["precious.txt"]
+        assert (elsewhere / "precious.txt").read_text() == "keep me"
+        assert os.path.lexists(path)
+        assert name == ".out.lock" or not os.path.lexists(work / ".out.lock")  # the lock was released
+        assert not (work / "out").exists() if name == ".out.old-4242" else siblings(work / "out") == ["model.txt"]
+
+
 def test_a_lock_from_another_host_is_refused_with_how_to_remove_it(tmp_path):
     lock = tmp_path / ".out.lock"
     lock.write_text("123 gpu-node-7\n")

@@ -22,6 +22,7 @@ import os
 import re
 import shutil
 import socket
+import stat
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -68,11 +69,37 @@ def _alive(pid: int | None) -> bool:
 
 
 def _owner(lock: Path) -> tuple[int | None, str | None]:
-    """(pid, host) written in a lock file; (None, None) if it is unreadable or garbled."""
+    """(pid, host) written in a lock file; (None, None) if it is unreadable, garbled or not a plain file."""
     with contextlib.suppress(OSError, ValueError):
-        pid, host = lock.read_text(encoding="utf-8").split()
-        return int(pid), host
+        fd = os.open(lock, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        try:
+            if stat.S_ISREG(os.fstat(fd).st_mode):
+                pid, host = os.read(fd, 4096).decode("utf-8").split()
+                return int(pid), host
+        finally:
+            os.close(fd)
     return None, None
+
+
+def refuse_foreign(path: Path, kind: str) -> None:
+    """Refuse, naming it, a lock or leftover path that this tool cannot have made: a symlink, or anything
+    but a `kind` ("file" or "dir") owned by this user. Its target is never opened, read or changed."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if stat.S_ISLNK(st.st_mode):
+        what = f"a symlink (to {os.readlink(path)})"
+    elif not (stat.S_ISREG(st.st_mode) if kind == "file" else stat.S_ISDIR(st.st_mode)):
+        what = f"not a regular {'file' if kind == 'file' else 'directory'}"
+    elif st.st_uid != os.getuid():
+        what = f"owned by another user (uid {st.st_uid})"
+    else:
+        return
+    raise PosttrainError(
+        f"{path} is {what}, so this tool did not make it and will not follow or remove it; "
+        f"if no run is writing there, remove it yourself: rm {'-r ' * stat.S_ISDIR(st.st_mode)}{path}"
+    )
 
 
 def _create_lock(lock: Path, owner: str) -> int | None:
@@ -109,6 +136,7 @@ def _create_lock(lock: Path, owner: str) -> int | None:
 def _take_stale_lock(lock: Path, owner: str, out: Path) -> int | None:
     """Take over an existing lock whose owner is gone; refuse a live or unverifiable one.
     None: the lock file went away meanwhile (try creating it again)."""
+    refuse_foreign(lock, "file")
     pid, host = _owner(lock)
     me = socket.gethostname()
     if host is not None and host != me:
@@ -117,8 +145,12 @@ def _take_stale_lock(lock: Path, owner: str, out: Path) -> int | None:
             f"from {me}; if no run is writing there, remove the lock: rm {lock}"
         )
     try:
-        fd = os.open(lock, os.O_RDWR)
+        fd = os.open(lock, os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK)
     except FileNotFoundError:
+        return None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):  # replaced between the check and the open
+        os.close(fd)
+        refuse_foreign(lock, "file")
         return None
     try:
         got = _flock(fd)
@@ -160,8 +192,10 @@ def _remove_leftovers(final: Path) -> None:
     for p in final.parent.iterdir():
         match = pattern.fullmatch(p.name)
         if match and not (match.group(2) and _alive(int(match.group(2)))):  # a lock being created now stays
+            # an old directory is a directory; a temporary one may be either (atomic_output_file's is a file)
+            refuse_foreign(p, "dir" if ".old-" in p.name or (p.is_dir() and not p.is_symlink()) else "file")
             leftovers.append(p)
-    olds = sorted((p for p in leftovers if ".old-" in p.name), key=lambda p: p.stat().st_mtime)
+    olds = sorted((p for p in leftovers if ".old-" in p.name), key=lambda p: p.lstat().st_mtime)
     if olds and not final.exists() and not final.is_symlink():
         olds[-1].rename(final)
         leftovers.remove(olds[-1])
@@ -170,7 +204,7 @@ def _remove_leftovers(final: Path) -> None:
             file=sys.stderr,
         )
     for p in leftovers:
-        if p.is_dir() and not p.is_symlink():
+        if stat.S_ISDIR(p.lstat().st_mode):
             shutil.rmtree(p, ignore_errors=True)
         else:
             with contextlib.suppress(OSError):
