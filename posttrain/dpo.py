@@ -27,6 +27,8 @@ from posttrain.training.dpo_batching import LengthGroupedPairs
 from posttrain.training.padding_free import PaddingFreePairs, check_padding_free
 from posttrain.training.recipe import Recipe
 from posttrain.training.run_dir import (
+    apply_recipe_change,
+    check_recipe_change,
     claim_output_dir,
     refuse_inputs_in_output_dir,
     reporting_stops,
@@ -35,7 +37,7 @@ from posttrain.training.run_dir import (
 )
 from posttrain.training.runtime import setup_logging_and_seed
 from posttrain.training.saving import save_run
-from posttrain.training.trainers import build_trainer, check_model, load_training_tokenizer
+from posttrain.training.trainers import build_trainer, check_model, check_renders, load_training_tokenizer
 
 # The loss types whose formula reads label_smoothing (TRL 1.16 `DPOTrainer._compute_loss`).
 LABEL_SMOOTHING_LOSSES = {"robust", "exo_pair", "aot", "aot_unpaired"}
@@ -125,15 +127,18 @@ def main(recipe: Recipe) -> None:
     # DPO masks by the prompt/response split, so the template needs no {% generation %} markers.
     refuse_inputs_in_output_dir(recipe)
     resume = resume_checkpoint(script_args, training_args)
+    record = check_recipe_change(recipe, resume)
     tokenizer = load_training_tokenizer(model_args, training_args, require_generation_markers=False)
     train_dataset, eval_dataset = load_datasets(script_args, dataset_args, training_args, validate_preference_rows)
+    check_renders(tokenizer, train_dataset, model_args.model_name_or_path)
     health_prompts = held_out_prompts(eval_dataset, script_args.health_prompts)
     check_model(model_args, training_args)
     check_padding_free(model_args, training_args)
-    claim_output_dir(training_args, resume)
 
     trainer = build_trainer(PreferenceTrainer, recipe, tokenizer, train_dataset, eval_dataset)
     add_health_callback(trainer, health_prompts)
+    apply_recipe_change(trainer, record, resume)
+    claim_output_dir(training_args, resume)  # the model loaded: only now are old checkpoints removed
     with reporting_stops(trainer):  # Ctrl-C or a full disk: one line saying what was kept
         train_result = trainer.train(resume_from_checkpoint=resume)
         save_run(trainer, recipe, train_result)

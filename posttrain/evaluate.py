@@ -30,6 +30,7 @@ import gc
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 
 if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
     # `python posttrain/evaluate.py` puts posttrain/ first on the path, where `import evaluate`
@@ -44,6 +45,7 @@ from posttrain.generation import health
 from posttrain.outputs.atomic import atomic_output_dir, check_output_dir
 from posttrain.outputs.errors import PosttrainError, run_cli
 from posttrain.training.recipe import parse_recipe, save_resolved_recipe
+from posttrain.training.trainers import check_model
 
 
 @dataclass
@@ -148,6 +150,13 @@ def model_dirs(models) -> dict[str, Path]:
     for name, path in dirs.items():
         if not (path / "config.json").is_file():
             raise PosttrainError(f"models: {name}: {path} is not a model directory (no config.json)")
+        try:  # weights the safe loader refuses, truncated or shaped unlike the config: one line before any loads
+            check_model(
+                SimpleNamespace(model_name_or_path=str(path), model_revision=None),
+                SimpleNamespace(trust_remote_code=False),
+            )
+        except PosttrainError as err:
+            raise PosttrainError(f"models: {name}: {err}") from None
     return dirs
 
 

@@ -38,7 +38,7 @@ from posttrain.data.prompts import load_prompts
 from posttrain.generation import pairs
 from posttrain.generation.generate import check_dtype, load_model
 from posttrain.outputs.atomic import atomic_output_dir, check_output_dir
-from posttrain.outputs.errors import EXIT_INTERRUPTED, Interrupted, PosttrainError, file_system_error, run_cli
+from posttrain.outputs.errors import Interrupted, PosttrainError, file_system_error, run_cli, stop_cause
 from posttrain.outputs.lock import launch_output_lock
 from posttrain.training.recipe import parse_recipe, save_resolved_recipe
 from posttrain.training.trainers import check_model
@@ -305,13 +305,15 @@ def main(args: PairsArguments) -> None:
         )
     try:
         run_chunks(args, prompts, store, todo)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as err:  # Ctrl-C, or SIGTERM (a scheduler's time limit)
+        what, code = stop_cause(err)
         if not state.is_main_process:
-            raise SystemExit(EXIT_INTERRUPTED) from None
+            raise SystemExit(code) from None
         print(file=sys.stderr)
         raise Interrupted(
-            f"stopped by Ctrl-C with {len(store.done())} of {chunks} chunks of prompts done (kept in {store.dir}); "
-            "continue with --resume true"
+            f"stopped by {what} with {len(store.done())} of {chunks} chunks of prompts done (kept in {store.dir}); "
+            "continue with --resume true",
+            code,
         ) from None
     state.wait_for_everyone()
     if not state.is_main_process:

@@ -22,6 +22,8 @@ from posttrain.data.loading import load_datasets, validate_preference_rows
 from posttrain.outputs.errors import PosttrainError
 from posttrain.training.recipe import Recipe
 from posttrain.training.run_dir import (
+    apply_recipe_change,
+    check_recipe_change,
     claim_output_dir,
     refuse_inputs_in_output_dir,
     reporting_stops,
@@ -30,7 +32,7 @@ from posttrain.training.run_dir import (
 )
 from posttrain.training.runtime import setup_logging_and_seed
 from posttrain.training.saving import save_run
-from posttrain.training.trainers import build_trainer, check_model, load_training_tokenizer
+from posttrain.training.trainers import build_trainer, check_model, check_renders, load_training_tokenizer
 
 
 class RewardModelTrainer(trl.RewardTrainer):
@@ -74,12 +76,15 @@ def main(recipe: Recipe) -> None:
     refuse_unsupported(script_args, model_args)
     refuse_inputs_in_output_dir(recipe)
     resume = resume_checkpoint(script_args, training_args)
+    record = check_recipe_change(recipe, resume)
     tokenizer = load_training_tokenizer(model_args, training_args, require_generation_markers=False)
     train_dataset, eval_dataset = load_datasets(script_args, dataset_args, training_args, validate_preference_rows)
+    check_renders(tokenizer, train_dataset, model_args.model_name_or_path)
     check_model(model_args, training_args)
-    claim_output_dir(training_args, resume)
 
     trainer = build_trainer(RewardModelTrainer, recipe, tokenizer, train_dataset, eval_dataset)
+    apply_recipe_change(trainer, record, resume)
+    claim_output_dir(training_args, resume)  # the model loaded: only now are old checkpoints removed
     with reporting_stops(trainer):  # Ctrl-C or a full disk: one line saying what was kept
         train_result = trainer.train(resume_from_checkpoint=resume)
         save_run(trainer, recipe, train_result)

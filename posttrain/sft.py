@@ -20,6 +20,8 @@ from posttrain.data.loading import load_datasets, validate_sft_rows
 from posttrain.training.callbacks import add_health_callback, held_out_prompts
 from posttrain.training.recipe import Recipe
 from posttrain.training.run_dir import (
+    apply_recipe_change,
+    check_recipe_change,
     claim_output_dir,
     refuse_inputs_in_output_dir,
     reporting_stops,
@@ -28,7 +30,7 @@ from posttrain.training.run_dir import (
 )
 from posttrain.training.runtime import setup_logging_and_seed
 from posttrain.training.saving import save_run
-from posttrain.training.trainers import build_trainer, check_model, load_training_tokenizer
+from posttrain.training.trainers import build_trainer, check_model, check_renders, load_training_tokenizer
 
 logger = logging.getLogger("posttrain.sft")
 
@@ -42,18 +44,21 @@ def main(recipe: Recipe) -> None:
     # Every input is checked, in one line each, before anything in output_dir changes or the model loads.
     refuse_inputs_in_output_dir(recipe)
     resume = resume_checkpoint(script_args, training_args)
+    record = check_recipe_change(recipe, resume)
     tokenizer = load_training_tokenizer(
         model_args, training_args, require_generation_markers=training_args.assistant_only_loss
     )
     train_dataset, eval_dataset = load_datasets(script_args, dataset_args, training_args, validate_sft_rows)
+    check_renders(tokenizer, train_dataset, model_args.model_name_or_path)
     train_dataset = drop_overlong_conversations(train_dataset, tokenizer, training_args, "train")
     eval_dataset = drop_overlong_conversations(eval_dataset, tokenizer, training_args, "eval")
     health_prompts = held_out_prompts(eval_dataset, script_args.health_prompts)
     check_model(model_args, training_args)
-    claim_output_dir(training_args, resume)
 
     trainer = build_trainer(trl.SFTTrainer, recipe, tokenizer, train_dataset, eval_dataset)
     add_health_callback(trainer, health_prompts)
+    apply_recipe_change(trainer, record, resume)
+    claim_output_dir(training_args, resume)  # the model loaded: only now are old checkpoints removed
     with reporting_stops(trainer):  # Ctrl-C or a full disk: one line saying what was kept
         train_result = trainer.train(resume_from_checkpoint=resume)
         save_run(trainer, recipe, train_result)

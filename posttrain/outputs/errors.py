@@ -1,7 +1,8 @@
 """One kind of error for bad input, printed as a single line with a non-zero exit.
 
 Library errors (tracebacks) are for bugs; a user who gave a wrong path, key or file should read one line
-that names it and says what to do. Ctrl-C is one line too, with the shell's exit status for it (130).
+that names it and says what to do. Ctrl-C is one line too, with the shell's exit status for it (130), and so is
+SIGTERM (what a scheduler sends at a time limit or preemption), handled like Ctrl-C, exit 143.
 """
 
 from __future__ import annotations
@@ -11,12 +12,14 @@ import errno
 import os
 import re
 import shutil
+import signal
 import sys
 from collections.abc import Callable
 from typing import NoReturn
 
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 128 + signal.SIGTERM  # 143
 
 
 class PosttrainError(Exception):
@@ -32,6 +35,24 @@ class Interrupted(PosttrainError):
     exit_code = EXIT_INTERRUPTED
     prefix = "interrupted"
 
+    def __init__(self, message: str, exit_code: int = EXIT_INTERRUPTED):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where Ctrl-C's KeyboardInterrupt would be, so that every clean-up made for Ctrl-C runs."""
+
+
+def stop_cause(err: BaseException) -> tuple[str, int]:
+    """("SIGTERM", 143) for a Terminated, ("Ctrl-C", 130) for any other KeyboardInterrupt."""
+    return ("SIGTERM", EXIT_TERMINATED) if isinstance(err, Terminated) else ("Ctrl-C", EXIT_INTERRUPTED)
+
+
+def raise_terminated(signum=None, frame=None) -> NoReturn:
+    """The SIGTERM handler of every tool: stop as Ctrl-C does."""
+    raise Terminated()
+
 
 def die(message: str, exit_code: int = EXIT_BAD_INPUT, prefix: str = "error") -> NoReturn:
     print(f"{prefix}: {message}", file=sys.stderr)
@@ -39,13 +60,16 @@ def die(message: str, exit_code: int = EXIT_BAD_INPUT, prefix: str = "error") ->
 
 
 def run_cli(main: Callable[[], object]) -> None:
-    """Run a CLI entry point; a PosttrainError becomes one line on stderr and exit 2, Ctrl-C exit 130."""
+    """Run a CLI entry point; a PosttrainError becomes one line on stderr and exit 2, Ctrl-C exit 130, SIGTERM 143."""
+    with contextlib.suppress(ValueError):  # only the main thread can set a handler
+        signal.signal(signal.SIGTERM, raise_terminated)
     try:
         main()
     except PosttrainError as err:
         die(str(err).replace("\n", " "), err.exit_code, err.prefix)
-    except KeyboardInterrupt:
-        die("stopped by Ctrl-C; no output was written", EXIT_INTERRUPTED, Interrupted.prefix)
+    except KeyboardInterrupt as err:
+        what, code = stop_cause(err)
+        die(f"stopped by {what}; no output was written", code, Interrupted.prefix)
 
 
 # ------------------------------------------------------------------ file-system faults as one line

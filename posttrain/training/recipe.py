@@ -42,6 +42,14 @@ class ScriptArguments(trl.ScriptArguments):
         default=False,
         metadata={"help": "Start over in an output_dir that holds checkpoints of an earlier run (they are deleted)."},
     )
+    allow_recipe_change: bool = field(
+        default=False,
+        metadata={
+            "help": "With resume_from_checkpoint: continue with a recipe that differs from the checkpoint's (a new "
+            "learning rate, schedule, length); the change applies from the checkpoint's step and the saved recipe "
+            "records it. The batch shape, data and model cannot change on resume."
+        },
+    )
     health_prompts: int = field(
         default=0,
         metadata={
@@ -240,20 +248,26 @@ def resolved_recipe(*configs) -> dict:
 
 
 def save_resolved_recipe(
-    output_dir: str | Path, *configs, overrides: dict | None = None, launch: dict | None = None
+    output_dir: str | Path,
+    *configs,
+    overrides: dict | None = None,
+    launch: dict | None = None,
+    script: str = "posttrain/<stage>.py",
+    notes: Sequence[str] = (),
 ) -> Path:
     """Write the resolved recipe as YAML next to the model: rerunnable with `sft.py THIS.yaml`.
 
     `overrides` replace settings that must not be repeated by a rerun (a resume path, launch defaults).
     `launch` (processes, distributed type, ZeRO stage, precision) is recorded as a comment header: it comes
-    from the accelerate config, not the recipe, but the effective batch depends on it.
+    from the accelerate config, not the recipe, but the effective batch depends on it; so are `notes` (the
+    changes made on resuming). `script` is the stage script the header's rerun command names.
     """
     path = Path(output_dir) / RESOLVED_RECIPE_NAME
-    text = (
-        "# Every effective setting of this run; rerun with: accelerate launch posttrain/<stage>.py " + path.name + "\n"
-    )
+    text = f"# Every effective setting of this run; rerun with: accelerate launch {script} {path.name}\n"
     for key, value in (launch or {}).items():
         text += f"# launched with {key}: {value}\n"
+    for note in notes:
+        text += f"# {note}\n"
     settings = {**resolved_recipe(*configs), **{k: _plain(v) for k, v in (overrides or {}).items()}}
     text += yaml.safe_dump(settings, sort_keys=True)
     atomic_write_text(path, text)

@@ -15,7 +15,9 @@ from pathlib import Path
 
 from posttrain.conversion.chat_template import IM_END
 from posttrain.outputs.atomic import atomic_output_dir
+from posttrain.outputs.paths import make_readable
 from posttrain.training.recipe import MERGED_DIR, RESOLVED_RECIPE_NAME, Recipe, save_resolved_recipe
+from posttrain.training.run_dir import RunRecipe, recipe_notes
 
 logger = logging.getLogger("posttrain")
 
@@ -98,6 +100,7 @@ def _final_model_dir(trainer, out: Path):
         yield tmp
         trainer.accelerator.wait_for_everyone()
         if main:
+            make_readable(tmp)  # safetensors writes 0600 files (through a private temporary file)
             for path in sorted(tmp.iterdir()):
                 if (out / path.name).is_dir():
                     shutil.rmtree(out / path.name)
@@ -109,13 +112,25 @@ def _final_model_dir(trainer, out: Path):
         raise
 
 
+def stage_script(recipe: Recipe) -> str:
+    """The stage script that trains this recipe (the saved recipe's header names it)."""
+    import trl
+
+    for config, script in ((trl.DPOConfig, "dpo"), (trl.RewardConfig, "reward"), (trl.SFTConfig, "sft")):
+        if isinstance(recipe.training_args, config):
+            return f"posttrain/{script}.py"
+    return "posttrain/<stage>.py"
+
+
 def save_run(trainer, recipe: Recipe, train_result) -> None:
     """Save the trained run into output_dir, the resolved recipe last; then end the trainer."""
     from accelerate.utils import is_peft_model
 
+    out = Path(recipe.training_args.output_dir)
+    if trainer.accelerator.is_main_process:  # from here on the directory holds a mix of the old run and this one
+        (out / RESOLVED_RECIPE_NAME).unlink(missing_ok=True)
     trainer.log_metrics("train", train_result.metrics)
     trainer.save_metrics("train", train_result.metrics)
-    out = Path(recipe.training_args.output_dir)
     model = trainer.model
     generation_config = getattr(model, "generation_config", None)  # a reward (sequence-classification) model has none
     if generation_config is not None:
@@ -130,7 +145,12 @@ def save_run(trainer, recipe: Recipe, train_result) -> None:
         if is_peft_model(model) and recipe.script_args.merge_lora_after_training:
             logger.info("merged model saved to %s", save_merged_lora(trainer, recipe))
         # A rerun from the saved recipe starts from scratch, and re-derives its launch defaults.
-        overrides = {"resume_from_checkpoint": None, **dict.fromkeys(recipe.launch_defaults)}
+        overrides = {
+            "resume_from_checkpoint": None,
+            "allow_recipe_change": False,
+            **dict.fromkeys(recipe.launch_defaults),
+        }
+        record = next((cb.record for cb in trainer.callback_handler.callbacks if isinstance(cb, RunRecipe)), {})
         save_resolved_recipe(
             out,
             recipe.script_args,
@@ -139,6 +159,8 @@ def save_run(trainer, recipe: Recipe, train_result) -> None:
             recipe.dataset_args,
             overrides=overrides,
             launch=_launch_summary(trainer.accelerator),
+            script=stage_script(recipe),
+            notes=recipe_notes(record) if record else (),
         )
         trainer.accelerator.print(f"saved the model, tokenizer, trainer state and {RESOLVED_RECIPE_NAME} to {out}")
     trainer.accelerator.wait_for_everyone()

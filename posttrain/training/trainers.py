@@ -46,30 +46,111 @@ def build_trainer(trainer_cls, recipe: Recipe, tokenizer, train_dataset, eval_da
 
 
 def check_model(model_args, training_args) -> None:
-    """Refuse, in one line and before the output directory is touched, a model whose config cannot be read
-    or whose local weights are missing or unreadable (their headers are read, not the tensors)."""
-    from safetensors import safe_open
+    """Refuse, in one line and before the output directory is touched, a model that would fail to load: a config
+    that cannot be read, local weights that are missing, truncated, refused by the safe loader (a pickle of more
+    than tensors) or shaped unlike the config says, and LoRA targets (`lora_target_modules`) that match no module.
+    Weights are read from their headers (safetensors) or memory-mapped (pytorch_model.bin), not loaded."""
     from transformers import AutoConfig
 
     name = model_args.model_name_or_path
     try:
-        AutoConfig.from_pretrained(
+        config = AutoConfig.from_pretrained(
             name, revision=model_args.model_revision, trust_remote_code=training_args.trust_remote_code
         )
     except Exception as err:  # OSError, ValueError, JSONDecodeError: all mean the same to the user
         raise PosttrainError(f"model {name}: cannot read its config ({str(err).splitlines()[0]})") from None
+    skeleton = _skeleton(config, training_args)
     local = Path(name)
-    if not local.is_dir():
-        return  # a hub id: transformers checks it when it downloads
+    if local.is_dir():  # a hub id: transformers checks it when it downloads
+        shapes = _weight_shapes(local, name)
+        expected = {} if skeleton is None else {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
+        for key, shape in shapes.items():
+            want = expected.get(key, expected.get(key.removeprefix("model."), expected.get(f"model.{key}")))
+            if want is not None and want != shape:
+                raise PosttrainError(
+                    f"model {name}: weight {key} has shape {list(shape)} but its config.json says {list(want)}; "
+                    "the weights and the config are of different models"
+                )
+    if getattr(model_args, "use_peft", False) and skeleton is not None:
+        _check_lora_targets(skeleton, model_args, name)
+
+
+def _skeleton(config, training_args):
+    """The model the config describes, on the meta device (no memory, no weights); None for an architecture that
+    is not a causal LM here."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    try:
+        with init_empty_weights():
+            return AutoModelForCausalLM.from_config(config, trust_remote_code=training_args.trust_remote_code)
+    except Exception:  # not a causal-LM config: transformers says so when it loads
+        return None
+
+
+def _weight_shapes(local: Path, name: str) -> dict[str, tuple[int, ...]]:
+    """{tensor name: shape} of a model directory's weights as transformers would load them (safetensors if there
+    are any, else pytorch_model*.bin through the safe loader), or one line saying why they cannot be loaded."""
+    import torch
+    from safetensors import safe_open
+
     weights = sorted(local.glob("*.safetensors"))
-    if not weights and not any(local.glob("*.bin")):
+    pickles = sorted(local.glob("*.bin"))
+    if not weights and not pickles:
         raise PosttrainError(f"model {name}: no weights (*.safetensors) in the directory")
+    shapes = {}
     for path in weights:
         try:
-            with safe_open(path, framework="pt"):
-                pass
+            with safe_open(path, framework="pt") as fh:
+                shapes.update({key: tuple(fh.get_slice(key).get_shape()) for key in fh.keys()})
         except Exception as err:
             raise PosttrainError(f"model {name}: {path.name} is not readable ({str(err).splitlines()[0]})") from None
+    for path in [] if weights else pickles:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as err:  # truncated (not a zip archive), or a pickle of more than tensors
+            why = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            if "weights_only" in str(err) or "Unsupported global" in str(err):
+                why = "the safe loader (weights_only) refuses it: it pickles more than tensors; convert it to safetensors"
+            raise PosttrainError(f"model {name}: {path.name} cannot be loaded ({why})") from None
+        if not isinstance(state, dict):
+            raise PosttrainError(f"model {name}: {path.name} holds no state dict of tensors")
+        shapes.update({k: tuple(v.shape) for k, v in state.items() if isinstance(v, torch.Tensor)})
+    return shapes
+
+
+def _check_lora_targets(skeleton, model_args, name: str) -> None:
+    """LoRA's `lora_target_modules` must name modules of the model: applied to the meta-device skeleton."""
+    from peft import get_peft_model
+
+    targets = model_args.lora_target_modules
+    targets = ", ".join(targets) if isinstance(targets, (list, tuple)) else targets
+    try:
+        get_peft_model(skeleton, trl.get_peft_config(model_args))
+    except (ValueError, TypeError, KeyError) as err:
+        raise PosttrainError(
+            f"lora_target_modules {targets}: no LoRA adapter fits model {name} ({str(err).strip().splitlines()[0]})"
+        ) from None
+
+
+def check_renders(tokenizer, dataset, name: str) -> None:
+    """The chat template renders the first training row (a sandboxed template may stop on it, or raise)."""
+    import datasets
+
+    rows = (
+        dataset.take(1) if not isinstance(dataset, datasets.Dataset) else dataset.select(range(min(1, len(dataset))))
+    )
+    for row in rows:
+        conversation = row.get("messages") or [*(row.get("prompt") or []), *(row.get("chosen") or [])]
+        if not isinstance(conversation, list):
+            return  # string forms are rendered as text, not through the template
+        try:
+            tokenizer.apply_chat_template(conversation, tokenize=False)
+        except Exception as err:
+            raise PosttrainError(
+                f"model {name}: its chat template cannot render the first training row "
+                f"({str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__})"
+            ) from None
 
 
 def load_training_tokenizer(model_args, training_args, require_generation_markers: bool = True):
