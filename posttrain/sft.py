@@ -18,7 +18,7 @@ import trl
 from posttrain.data.lengths import drop_overlong_conversations
 from posttrain.data.loading import load_datasets, validate_sft_rows
 from posttrain.training.callbacks import add_health_callback, held_out_prompts
-from posttrain.training.recipe import Recipe
+from posttrain.training.recipe import STAGE_KEYS, Recipe, RecipeHelp
 from posttrain.training.run_dir import (
     claim_output_dir,
     refuse_inputs_in_output_dir,
@@ -31,6 +31,18 @@ from posttrain.training.saving import save_run
 from posttrain.training.trainers import build_trainer, check_model, load_training_tokenizer
 
 logger = logging.getLogger("posttrain.sft")
+
+RECIPE_HELP = RecipeHelp(
+    description="Supervised fine-tuning: teach a converted base model to follow instructions, with the loss on the\n"
+    "assistant turns only (each with its closing <|im_end|>) and conversations packed padding-free.",
+    keys={
+        **STAGE_KEYS,
+        "max_length": "tokens per packed row; longer conversations are dropped, counted",
+        "packing": "pack conversations into rows of max_length",
+        "assistant_only_loss": "the loss on assistant turns only",
+        "use_peft": "train a LoRA adapter (lora_r, lora_alpha) instead of every weight",
+    },
+)
 
 
 def main(recipe: Recipe) -> None:
