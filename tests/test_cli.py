@@ -357,6 +357,9 @@ def test_the_stage_script_refuses_a_missing_model_without_opening_a_socket(tmp_p
     recipe = write_recipe("sft", tmp_path / "r.yaml", tmp_path / "runs" / "convertd", sft_data_dir, tmp_path / "out")
     env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
     env["PYTHONPATH"] = os.pathsep.join([str(guard), env.get("PYTHONPATH", "")])
+    probe = subprocess.run([sys.executable, "-c", "import socket; socket.getaddrinfo('huggingface.co', 443)"], env=env)
+    assert probe.returncode != 0 and touched.exists()  # the guard works
+    touched.unlink()
     proc = subprocess.run(
         [sys.executable, "posttrain/sft.py", str(recipe)],
         cwd=REPO,
