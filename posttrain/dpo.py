@@ -2,6 +2,7 @@
 
     accelerate launch [--config_file accelerate_configs/zero3.yaml] posttrain/dpo.py recipes/dpo.yaml [--key value ...]
     python posttrain/dpo.py recipes/demo/dpo.yaml            # one process
+    posttrain dpo RECIPE.yaml [--num_processes N | --config_file ACCELERATE.yaml] [--key value ...]
 
 The recipe is a YAML file of TRL `ScriptArguments` / `DPOConfig` / `ModelConfig` / `DatasetMixtureConfig`
 fields (plus `posttrain.training.recipe.ScriptArguments`' own and `reference_free`); command-line flags override it.

@@ -1,6 +1,7 @@
 """Evaluation: did SFT and DPO make the model better, and does it stop?
 
     python posttrain/evaluate.py recipes/evaluate.yaml [--key value ...]
+    posttrain evaluate RECIPE.yaml [--num_processes N | --config_file ACCELERATE.yaml] [--key value ...]
     accelerate launch [--num_processes 8] posttrain/evaluate.py recipes/evaluate.yaml   # data-parallel
 
 The recipe is a YAML file of `EvalArguments` fields below; command-line flags override it and an

@@ -2,6 +2,7 @@
 
     accelerate launch [--num_processes 8] posttrain/generate_pairs.py recipes/generate_pairs.yaml [--key value ...]
     python posttrain/generate_pairs.py recipes/demo/generate_pairs.yaml            # one process
+    posttrain generate-pairs RECIPE.yaml [--num_processes N | --config_file ACCELERATE.yaml] [--key value ...]
 
 The recipe is a YAML file of `PairsArguments` fields below; command-line flags override it. For every prompt
 (a data_scripts directory's train.jsonl and test.jsonl, or one .jsonl of `messages` or `prompt` rows), the

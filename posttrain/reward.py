@@ -2,6 +2,7 @@
 
     accelerate launch [--config_file accelerate_configs/zero2.yaml] posttrain/reward.py recipes/reward.yaml [--key value ...]
     python posttrain/reward.py recipes/demo/reward.yaml            # one process
+    posttrain reward RECIPE.yaml [--num_processes N | --config_file ACCELERATE.yaml] [--key value ...]
 
 The recipe is a YAML file of TRL `ScriptArguments` / `RewardConfig` / `ModelConfig` / `DatasetMixtureConfig`
 fields; command-line flags override it. TRL's RewardTrainer loads `model_name_or_path` (the SFT output) as a

@@ -2,6 +2,7 @@
 
     accelerate launch [--config_file accelerate_configs/zero2.yaml] posttrain/sft.py recipes/sft.yaml [--key value ...]
     python posttrain/sft.py recipes/demo/sft.yaml            # one process
+    posttrain sft RECIPE.yaml [--num_processes N | --config_file ACCELERATE.yaml] [--key value ...]
 
 The recipe is a YAML file of TRL `ScriptArguments` / `SFTConfig` / `ModelConfig` / `DatasetMixtureConfig`
 fields (plus `posttrain.training.recipe.ScriptArguments`' own); command-line flags override it. The loss covers the
