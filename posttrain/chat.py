@@ -17,12 +17,12 @@ the room the context leaves, with a note.
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 from posttrain.data.adapters import DEFAULT_SYSTEM_PROMPT
 from posttrain.generation.generate import check_device, check_dtype, check_text, generate_reply, load_model
 from posttrain.outputs.errors import PosttrainError, run_cli
+from posttrain.outputs.flags import ArgumentParser
 
 HELP = "commands: /system TEXT (set system prompt, new conversation), /reset, /quit"
 
@@ -79,8 +79,8 @@ def repl(model, tokenizer, system: str | None, gen_kwargs: dict, stdin=None, std
         stdout.flush()
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m posttrain.chat", description=__doc__.split("\n\n")[0])
+def build_parser() -> ArgumentParser:
+    p = ArgumentParser(prog="python -m posttrain.chat", description=__doc__.split("\n\n")[0])
     p.add_argument("model_dir", help="a Hugging Face model directory (convert-checkpoint, SFT or DPO output)")
     p.add_argument("--prompt", help="one-shot: answer this prompt, print only the reply, exit")
     p.add_argument(

@@ -25,7 +25,6 @@ permuted q/k rows (and a dtype change, if asked for) are copied.
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
@@ -49,6 +48,7 @@ from posttrain.conversion.source_format import (
 from posttrain.conversion.tokenizer import is_builtin_qwen3, load_chat_tokenizer
 from posttrain.outputs.atomic import atomic_output_dir, check_output_dir
 from posttrain.outputs.errors import PosttrainError, run_cli
+from posttrain.outputs.flags import ArgumentParser
 from posttrain.outputs.lock import output_lock
 
 MAX_SHARD_BYTES = 1 << 30  # 1 GiB: bounds the copies held at once when a dtype change is asked for
@@ -233,7 +233,7 @@ def convert_checkpoint(
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="convert-checkpoint", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="convert-checkpoint", description=__doc__.split("\n\n")[0])
     parser.add_argument("checkpoint", help="ckpt_NNNNNN.pt written by the pre-training system")
     parser.add_argument(
         "--tokenizer", required=True, help="qwen3 (the built-in Qwen3 tokenizer) or a tokenizer directory"

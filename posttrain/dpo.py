@@ -2,6 +2,7 @@
 
     accelerate launch [--config_file accelerate_configs/zero3.yaml] posttrain/dpo.py recipes/dpo.yaml [--key value ...]
     python posttrain/dpo.py recipes/demo/dpo.yaml            # one process
+    posttrain dpo RECIPE.yaml [--num_processes N | --config_file ACCELERATE.yaml] [--key value ...]
 
 The recipe is a YAML file of TRL `ScriptArguments` / `DPOConfig` / `ModelConfig` / `DatasetMixtureConfig`
 fields (plus `posttrain.training.recipe.ScriptArguments`' own and `reference_free`); command-line flags override it.
@@ -25,7 +26,7 @@ from posttrain.data.loading import load_datasets, validate_preference_rows
 from posttrain.training.callbacks import add_health_callback, held_out_prompts
 from posttrain.training.dpo_batching import LengthGroupedPairs
 from posttrain.training.padding_free import PaddingFreePairs, check_padding_free
-from posttrain.training.recipe import Recipe
+from posttrain.training.recipe import STAGE_KEYS, Recipe, RecipeHelp
 from posttrain.training.run_dir import (
     apply_recipe_change,
     check_recipe_change,
@@ -41,6 +42,19 @@ from posttrain.training.trainers import build_trainer, check_model, check_render
 
 # The loss types whose formula reads label_smoothing (TRL 1.16 `DPOTrainer._compute_loss`).
 LABEL_SMOOTHING_LOSSES = {"robust", "exo_pair", "aot", "aot_unpaired"}
+
+RECIPE_HELP = RecipeHelp(
+    description="Direct preference optimisation: align the SFT model with prompt/chosen/rejected pairs, against\n"
+    "a reference (the same model frozen, its log-probs precomputed, or none with reference_free).",
+    keys={
+        **STAGE_KEYS,
+        "beta": "how far the policy may move from the reference (higher: less far)",
+        "loss_type": "sigmoid (DPO), ipo, hinge, ... or a list weighted by loss_weights",
+        "max_length": "tokens of prompt + reply; longer pairs are truncated (truncation_mode)",
+        "precompute_ref_log_probs": "score the reference once before training and never keep it",
+        "padding_free": "chosen and rejected of a micro-batch as one row without padding",
+    },
+)
 
 
 @dataclass

@@ -1,6 +1,7 @@
 """Evaluation: did SFT and DPO make the model better, and does it stop?
 
     python posttrain/evaluate.py recipes/evaluate.yaml [--key value ...]
+    posttrain evaluate RECIPE.yaml [--num_processes N | --config_file ACCELERATE.yaml] [--key value ...]
     accelerate launch [--num_processes 8] posttrain/evaluate.py recipes/evaluate.yaml   # data-parallel
 
 The recipe is a YAML file of `EvalArguments` fields below; command-line flags override it and an
@@ -44,7 +45,8 @@ from posttrain.evaluation.logits import batch_size_of
 from posttrain.generation import health
 from posttrain.outputs.atomic import atomic_output_dir, check_output_dir
 from posttrain.outputs.errors import PosttrainError, run_cli
-from posttrain.training.recipe import parse_recipe, save_resolved_recipe
+from posttrain.outputs.flags import refuse_missing_local_paths
+from posttrain.training.recipe import RecipeHelp, parse_recipe, save_resolved_recipe
 from posttrain.training.trainers import check_model
 
 
@@ -120,8 +122,27 @@ class EvalArguments:
     overwrite_output_dir: bool = field(default=False, metadata={"help": "Replace a non-empty output_dir."})
 
 
+RECIPE_HELP = RecipeHelp(
+    description="Evaluation: score each model on lm-evaluation-harness tasks (plain and with its chat template),\n"
+    "check its replies stop, and compare the models pairwise with intervals; report.md in output_dir.",
+    keys={
+        "models": "model directories in comparison order (a list, or a mapping name: directory)",
+        "tasks": "lm-evaluation-harness task names",
+        "task_files": "local test splits instead of the Hub (task: file)",
+        "prompts": "prompts for the generation checks (.jsonl or a data_scripts directory)",
+        "judge": "a chat model that judges each model's replies against the next one's",
+        "preference_data": "held-out preference pairs: how often chosen outscores rejected",
+        "batch_size": "scoring batch size per process, or auto",
+        "limit": "score only the first N items of each task (a quick check)",
+        "output_dir": "where the results go",
+    },
+)
+
+
 def parse(argv=None) -> EvalArguments:
-    (args,), _ = parse_recipe([EvalArguments], argv)
+    (args,), _ = parse_recipe([EvalArguments], argv, help=RECIPE_HELP)
+    paths = {"prompts": args.prompts, "judge": args.judge, "preference_data": args.preference_data}
+    refuse_missing_local_paths({key: value for key, value in paths.items() if value})
     return args
 
 

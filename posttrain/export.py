@@ -21,7 +21,6 @@ nothing is left.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import sys
@@ -50,6 +49,7 @@ from posttrain.convert import compare_logits, non_finite, report_verification, v
 from posttrain.data.loading import load_errors
 from posttrain.outputs.atomic import atomic_output_file, check_output_file
 from posttrain.outputs.errors import PosttrainError, run_cli
+from posttrain.outputs.flags import ArgumentParser
 from posttrain.outputs.lock import output_lock
 from posttrain.training.recipe import MERGED_DIR, RESOLVED_RECIPE_NAME
 
@@ -341,7 +341,7 @@ def export_checkpoint(
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="export-checkpoint", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="export-checkpoint", description=__doc__.split("\n\n")[0])
     parser.add_argument("model_dir", help="a convert-checkpoint, SFT or DPO output (or a LoRA run's adapter)")
     parser.add_argument("--output", required=True, help="the checkpoint file to write, e.g. ckpt_160000.pt")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16", help="weights dtype (default bfloat16)")

@@ -2,6 +2,7 @@
 
     accelerate launch [--num_processes 8] posttrain/generate_pairs.py recipes/generate_pairs.yaml [--key value ...]
     python posttrain/generate_pairs.py recipes/demo/generate_pairs.yaml            # one process
+    posttrain generate-pairs RECIPE.yaml [--num_processes N | --config_file ACCELERATE.yaml] [--key value ...]
 
 The recipe is a YAML file of `PairsArguments` fields below; command-line flags override it. For every prompt
 (a data_scripts directory's train.jsonl and test.jsonl, or one .jsonl of `messages` or `prompt` rows), the
@@ -38,9 +39,16 @@ from posttrain.data.prompts import load_prompts
 from posttrain.generation import pairs
 from posttrain.generation.generate import check_dtype, load_model
 from posttrain.outputs.atomic import atomic_output_dir, check_output_dir
-from posttrain.outputs.errors import Interrupted, PosttrainError, file_system_error, run_cli, stop_cause
+from posttrain.outputs.errors import (
+    Interrupted,
+    PosttrainError,
+    file_system_error,
+    run_cli,
+    stop_cause,
+)
+from posttrain.outputs.flags import hub_model_problem, refuse_missing_local_paths
 from posttrain.outputs.lock import launch_output_lock
-from posttrain.training.recipe import parse_recipe, save_resolved_recipe
+from posttrain.training.recipe import RecipeHelp, parse_recipe, save_resolved_recipe
 from posttrain.training.trainers import check_model
 
 # Settings a resumed run may change: they act only when the output is written.
@@ -101,8 +109,32 @@ class PairsArguments:
     resume: bool = field(default=False, metadata={"help": "Continue a stopped run with the prompts it had not done."})
 
 
+RECIPE_HELP = RecipeHelp(
+    description="On-policy preference pairs: the policy samples num_samples replies per prompt, a reward model\n"
+    "scores them, best against worst; output_dir is a data_scripts directory posttrain/dpo.py trains on.",
+    keys={
+        "policy": "the model that samples (a directory, e.g. the SFT output)",
+        "reward_model": "the scorer (posttrain/reward.py's output)",
+        "prompts": "a data_scripts directory or a .jsonl of messages/prompt rows",
+        "num_prompts": "use the first N prompts",
+        "num_samples": "replies per prompt (at least 2)",
+        "temperature": "sampling temperature",
+        "max_new_tokens": "reply length limit (a reply that reaches it is dropped)",
+        "min_margin": "drop a prompt whose best and worst scores are closer",
+        "generation_batch_size": "prompts per generate call",
+        "output_dir": "where the pairs go",
+        "resume": "continue a stopped run",
+    },
+)
+
+
 def parse(argv=None) -> PairsArguments:
-    (args,), _ = parse_recipe([PairsArguments], argv)
+    (args,), _ = parse_recipe([PairsArguments], argv, help=RECIPE_HELP)
+    refuse_missing_local_paths({"policy": args.policy, "reward_model": args.reward_model, "prompts": args.prompts})
+    for key in ("policy", "reward_model"):
+        error = hub_model_problem(key, getattr(args, key))
+        if error:
+            raise error
     return args
 
 

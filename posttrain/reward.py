@@ -2,6 +2,7 @@
 
     accelerate launch [--config_file accelerate_configs/zero2.yaml] posttrain/reward.py recipes/reward.yaml [--key value ...]
     python posttrain/reward.py recipes/demo/reward.yaml            # one process
+    posttrain reward RECIPE.yaml [--num_processes N | --config_file ACCELERATE.yaml] [--key value ...]
 
 The recipe is a YAML file of TRL `ScriptArguments` / `RewardConfig` / `ModelConfig` / `DatasetMixtureConfig`
 fields; command-line flags override it. TRL's RewardTrainer loads `model_name_or_path` (the SFT output) as a
@@ -20,7 +21,7 @@ import trl
 from posttrain.data.lengths import count_dropped
 from posttrain.data.loading import load_datasets, validate_preference_rows
 from posttrain.outputs.errors import PosttrainError
-from posttrain.training.recipe import Recipe
+from posttrain.training.recipe import STAGE_KEYS, Recipe, RecipeHelp
 from posttrain.training.run_dir import (
     apply_recipe_change,
     check_recipe_change,
@@ -33,6 +34,16 @@ from posttrain.training.run_dir import (
 from posttrain.training.runtime import setup_logging_and_seed
 from posttrain.training.saving import save_run
 from posttrain.training.trainers import build_trainer, check_model, check_renders, load_training_tokenizer
+
+RECIPE_HELP = RecipeHelp(
+    description="Reward model: train a scorer of replies on preference pairs (chosen should outscore rejected),\n"
+    "for posttrain/generate_pairs.py to rank the policy's own samples with.",
+    keys={
+        **STAGE_KEYS,
+        "max_length": "tokens of prompt + reply; longer pairs are dropped, counted",
+        "center_rewards_coefficient": "pulls the mean score towards 0",
+    },
+)
 
 
 class RewardModelTrainer(trl.RewardTrainer):

@@ -2,6 +2,7 @@
 
     accelerate launch [--config_file accelerate_configs/zero2.yaml] posttrain/sft.py recipes/sft.yaml [--key value ...]
     python posttrain/sft.py recipes/demo/sft.yaml            # one process
+    posttrain sft RECIPE.yaml [--num_processes N | --config_file ACCELERATE.yaml] [--key value ...]
 
 The recipe is a YAML file of TRL `ScriptArguments` / `SFTConfig` / `ModelConfig` / `DatasetMixtureConfig`
 fields (plus `posttrain.training.recipe.ScriptArguments`' own); command-line flags override it. The loss covers the
@@ -18,7 +19,7 @@ import trl
 from posttrain.data.lengths import drop_overlong_conversations
 from posttrain.data.loading import load_datasets, validate_sft_rows
 from posttrain.training.callbacks import add_health_callback, held_out_prompts
-from posttrain.training.recipe import Recipe
+from posttrain.training.recipe import STAGE_KEYS, Recipe, RecipeHelp
 from posttrain.training.run_dir import (
     apply_recipe_change,
     check_recipe_change,
@@ -33,6 +34,18 @@ from posttrain.training.saving import save_run
 from posttrain.training.trainers import build_trainer, check_model, check_renders, load_training_tokenizer
 
 logger = logging.getLogger("posttrain.sft")
+
+RECIPE_HELP = RecipeHelp(
+    description="Supervised fine-tuning: teach a converted base model to follow instructions, with the loss on the\n"
+    "assistant turns only (each with its closing <|im_end|>) and conversations packed padding-free.",
+    keys={
+        **STAGE_KEYS,
+        "max_length": "tokens per packed row; longer conversations are dropped, counted",
+        "packing": "pack conversations into rows of max_length",
+        "assistant_only_loss": "the loss on assistant turns only",
+        "use_peft": "train a LoRA adapter (lora_r, lora_alpha) instead of every weight",
+    },
+)
 
 
 def main(recipe: Recipe) -> None:

@@ -302,7 +302,7 @@ def test_recipe_yaml_override_and_unknown_keys(tmp_path, tiny_model_dir, sft_dat
     )
     with pytest.raises(PosttrainError, match=r"unexpected keyword argument 'weight' \(in recipe .*entry.yaml"):
         parse(entry)
-    with pytest.raises(PosttrainError, match=r"^usage: RECIPE.yaml"):
+    with pytest.raises(PosttrainError, match=r"^usage: \S+ RECIPE.yaml \[--key value ...\]"):
         parse()
 
 

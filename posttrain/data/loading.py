@@ -19,6 +19,7 @@ from pathlib import Path
 from posttrain.conversion.chat_template import find_control_token
 from posttrain.data.messages import DESCRIPTIONS, EMPTY_FINAL_ASSISTANT, UNKNOWN_ROLE, message_problem, reads
 from posttrain.outputs.errors import PosttrainError
+from posttrain.outputs.flags import looks_local
 
 _BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")  # \ud800-\udfff: half of a UTF-16 pair
@@ -120,8 +121,9 @@ def read_json_rows(path: str | Path):
         yield from ((f"line {i}", json.loads(line)) for i, line in enumerate(fh, 1) if line.strip())
 
 
-def _local_data_files(path: Path) -> tuple[str, dict[str, str]] | None:
+def _local_data_files(name: str | Path) -> tuple[str, dict[str, str]] | None:
     """(builder, {split: file}) for a local file or data_scripts directory, else None (a hub id)."""
+    path = Path(name)
     if path.is_dir():
         files = {split: path / f"{split}.jsonl" for split in ("train", "test")}
         files = {s: f for s, f in files.items() if f.exists()}
@@ -138,7 +140,7 @@ def _local_data_files(path: Path) -> tuple[str, dict[str, str]] | None:
         return _BUILDERS[path.suffix], {"train": str(path)}
     if path.exists():
         raise PosttrainError(f"dataset {path}: not a .jsonl/.json/.parquet file or a data_scripts directory")
-    if path.is_absolute() or str(path).startswith((".", "~")):
+    if looks_local(name):  # never sent to the Hub: a path that starts with . ~ /, or under a local directory
         raise PosttrainError(f"dataset {path} not found (prepare it with data_scripts/prepare_*.py)")
     return None
 
@@ -164,7 +166,7 @@ def load_source(path: str, name: str | None = None, split: str | None = None, st
     """
     import datasets
 
-    local = _local_data_files(Path(path))
+    local = _local_data_files(path)
     if local is None:
         with load_errors(f"dataset {path}: no such local file or directory, and not loadable as a hub dataset"):
             return datasets.load_dataset(path, name=name, split=split, streaming=streaming)
@@ -206,7 +208,7 @@ def load_train_eval(script_args, mixture_args, want_eval: bool):
         # Map local paths to the json/parquet builders, then let TRL mix (with `fraction` weights).
         resolved = []
         for cfg in mixture_args.datasets:
-            local = _local_data_files(Path(cfg.path))
+            local = _local_data_files(cfg.path)
             if local is not None:
                 builder, files = local
                 if cfg.split not in files:

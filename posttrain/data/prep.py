@@ -34,6 +34,7 @@ from posttrain.data.lengths import conversation_fits, count_chat_tokens, prompt_
 from posttrain.data.loading import EmptyRowsError, check_json_file, load_errors, load_source
 from posttrain.outputs.atomic import atomic_output_dir, check_output_dir
 from posttrain.outputs.errors import PosttrainError, die, run_cli
+from posttrain.outputs.flags import ArgumentParser
 from posttrain.outputs.lock import output_lock
 
 MAX_SEED = 2**32 - 1  # numpy's seed range, which datasets' shuffle uses
@@ -71,7 +72,7 @@ DPO = Kind("dpo", ("prompt", "chosen", "rejected"), adapters.DPO_DROP_REASONS, 0
 
 
 def parse_args(kind: Kind, sources: dict[str, Source], argv=None, description: str | None = None):
-    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", required=True, choices=sorted(sources), help="source schema and hub dataset")
     p.add_argument("--output-dir", required=True, help="written atomically: train.jsonl, test.jsonl, meta.json")
     p.add_argument(

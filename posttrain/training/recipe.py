@@ -4,8 +4,11 @@
 
 Parsing is TRL's `TrlParser` over its own dataclasses (`ScriptArguments`, `SFTConfig`/`DPOConfig`,
 `ModelConfig`, `DatasetMixtureConfig`) plus this project's few keys. What is added here: a positional
-YAML path, one-line errors instead of argparse's usage dump, defaults that depend on the launch, and the
-resolved recipe saved next to the model so that a run can be repeated from its output alone.
+YAML path, a short `--help` (usage, what the command does, the keys a recipe sets most; `--help-all` is
+HfArgumentParser's full list), one-line errors instead of argparse's usage dump (an unknown key names the
+closest known one), refusals at parse time of a local path that is not there and of a `report_to` tracker
+that is not installed, defaults that depend on the launch, and the resolved recipe saved next to the
+model so that a run can be repeated from its output alone.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import yaml
 
 from posttrain.outputs.atomic import atomic_write_text
 from posttrain.outputs.errors import PosttrainError
+from posttrain.outputs.flags import PROG_ENV, did_you_mean, hub_model_problem, refuse_missing_local_paths
 
 RESOLVED_RECIPE_NAME = "recipe.resolved.yaml"
 MERGED_DIR = "merged"
@@ -124,21 +128,99 @@ def _recipe_argv(argv: Sequence[str] | None) -> tuple[list[str], str | None]:
     return argv, argv[i + 1]
 
 
-def parse_recipe(dataclass_types: Sequence[type], argv: Sequence[str] | None = None, defaults: dict | None = None):
+# ------------------------------------------------------------------ help
+
+
+@dataclass(frozen=True)
+class RecipeHelp:
+    """What a command's `--help` says before the full field list: two lines on what it does, and the recipe
+    keys a user sets most ({key: a few words}); the defaults are read from the dataclasses."""
+
+    description: str
+    keys: dict
+
+
+def program_name() -> str:
+    """How the user ran this command: `posttrain sft`, or the script as given (`posttrain/sft.py`)."""
+    if os.environ.get(PROG_ENV):
+        return os.environ[PROG_ENV]
+    prog = sys.argv[0] if sys.argv and sys.argv[0] else "posttrain"
+    if prog.endswith(".py"):
+        path = Path(prog)
+        if path.is_absolute():
+            try:
+                path = path.relative_to(Path.cwd())
+            except ValueError:
+                pass
+        return str(path)
+    return prog
+
+
+def usage_line(prog: str) -> str:
+    return f"usage: {prog} RECIPE.yaml [--key value ...]  (or --config RECIPE.yaml)"
+
+
+def _field_default(dataclass_types: Sequence[type], key: str):
+    for cls in dataclass_types:
+        for f in dataclasses.fields(cls):
+            if f.name == key:
+                if f.default is not dataclasses.MISSING:
+                    return f.default
+                if f.default_factory is not dataclasses.MISSING:
+                    return f.default_factory()
+                return None
+    raise KeyError(key)
+
+
+def short_help(prog: str, help: RecipeHelp, dataclass_types: Sequence[type]) -> str:
+    """Usage, the description, the common keys with their defaults, and how to see every field."""
+    lines = [
+        f"usage: {prog} RECIPE.yaml [--key value ...]",
+        f"   or: {prog} --config RECIPE.yaml [--key value ...]",
+        "",
+    ]
+    lines += [*help.description.strip().splitlines(), ""]
+    lines.append("The keys a recipe sets most (YAML `key: value`, or `--key value` / `--key-name value` here):")
+    width = max(len(k) for k in help.keys) + 2
+    for key, text in help.keys.items():
+        default = _field_default(dataclass_types, key)
+        shown = "" if default in (None, "", [], {}) else f" [default: {_plain(default)}]"
+        lines.append(f"  {key:<{width}}{text}{shown}")
+    count = sum(len(dataclasses.fields(cls)) for cls in dataclass_types)
+    lines += ["", f"Every field ({count}), with its help: {prog} --help-all"]
+    return "\n".join(lines)
+
+
+def parse_recipe(
+    dataclass_types: Sequence[type],
+    argv: Sequence[str] | None = None,
+    defaults: dict | None = None,
+    help: RecipeHelp | None = None,
+):
     """Parse `RECIPE.yaml [--key value ...]` (or `--config RECIPE.yaml ...`) into TRL dataclasses.
 
     Returns (dataclass instances, the keys the user set in the YAML or on the command line). YAML keys
     become defaults and command-line flags override them; `defaults` replace the dataclasses' own. An
-    unknown key or a rejected value is a PosttrainError naming it.
+    unknown key or a rejected value is a PosttrainError naming it (and the closest known key). `-h`/`--help`
+    prints `help` (the short form) and `--help-all` every field, then exit 0.
     """
-    argv, path = _recipe_argv(argv)
+    prog = program_name()
+    raw = list(sys.argv[1:] if argv is None else argv)
+    parser = trl.TrlParser(list(dataclass_types), prog=prog)
+    if "--help-all" in raw or (help is None and {"-h", "--help"} & set(raw)):
+        parser.print_help()
+        raise SystemExit(0)
+    if {"-h", "--help"} & set(raw):
+        print(short_help(prog, help, dataclass_types))
+        raise SystemExit(0)
+    argv, path = _recipe_argv(raw)
     if not argv:
-        raise PosttrainError("usage: RECIPE.yaml [--key value ...]  (or --help for every key)")
-    user_keys = {a[2:].split("=", 1)[0] for a in argv if a.startswith("--") and a != "--config"}
+        raise PosttrainError(f"{usage_line(prog)}; {prog} --help lists the keys")
+    user_keys = {a[2:].split("=", 1)[0].replace("-", "_") for a in argv if a.startswith("--") and a != "--config"}
     if path:
         user_keys |= set(read_recipe_yaml(path))  # also the one-line errors TRL's own reading lacks
     where = f"recipe {path} or the command line" if path else "the command line"
-    parser = trl.TrlParser(list(dataclass_types))
+    known_keys = [a.dest for a in parser._actions if a.dest != "help"]
 
     def one_line_error(message: str):  # argparse would print the whole usage (~150 lines) first
         raise PosttrainError(f"{message} (in {where})")
@@ -152,22 +234,27 @@ def parse_recipe(dataclass_types: Sequence[type], argv: Sequence[str] | None = N
         msg = str(err)
         if msg.startswith("Unknown arguments from config file"):
             unknown = sorted(a[2:] for a in msg.split("[", 1)[1].split("]", 1)[0].split("'")[1::2] if a[:2] == "--")
+            named = ", ".join(f"{key}{did_you_mean(key, known_keys)}" for key in unknown)
             raise PosttrainError(
-                f"recipe {path}: unknown key(s) {', '.join(unknown)} "
+                f"recipe {path}: unknown key(s) {named} "
                 f"(not a field of {', '.join(t.__name__ for t in dataclass_types)})"
             ) from None
         if "not used by the HfArgumentParser" in msg:
-            raise PosttrainError(f"unknown command-line argument(s): {msg.split(':', 1)[1].strip()}") from None
+            words = msg.split("[", 1)[1].rsplit("]", 1)[0].split("'")[1::2]
+            flags = [a.option_strings[0] for a in parser._actions if a.option_strings and a.dest != "help"]
+            named = ", ".join(f"{w}{did_you_mean(w.split('=')[0], flags)}" for w in words if w.startswith("-"))
+            named = named or " ".join(words)  # a stray word that is not a flag
+            raise PosttrainError(f"unknown command-line argument(s): {named}") from None
         raise PosttrainError(f"{msg.splitlines()[0] if msg else type(err).__name__} (in {where})") from None
     return parsed, user_keys
 
 
-def parse_stage_recipe(config_cls: type, argv: Sequence[str] | None = None) -> Recipe:
+def parse_stage_recipe(config_cls: type, argv: Sequence[str] | None = None, help: RecipeHelp | None = None) -> Recipe:
     """A training stage's recipe: ScriptArguments, `config_cls` (SFTConfig/DPOConfig), ModelConfig and the
     dataset mixture, with the launch defaults the user did not override recorded in the result."""
     defaults = launch_defaults()
     groups, user_keys = parse_recipe(
-        [ScriptArguments, config_cls, trl.ModelConfig, trl.DatasetMixtureConfig], argv, defaults
+        [ScriptArguments, config_cls, trl.ModelConfig, trl.DatasetMixtureConfig], argv, defaults, help
     )
     applied = {k: v for k, v in defaults.items() if k not in user_keys}
     recipe = Recipe(*groups, launch_defaults=applied)
@@ -178,9 +265,76 @@ def parse_stage_recipe(config_cls: type, argv: Sequence[str] | None = None) -> R
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 
 
+# The keys of every training stage's short --help (each stage adds its own after them).
+STAGE_KEYS = {
+    "model_name_or_path": "the model to start from: a directory (convert-checkpoint's or a stage's output) or hub id",
+    "dataset_name": "a data_scripts directory, a .jsonl/.json/.parquet file or a hub dataset",
+    "datasets": "instead of dataset_name, in the YAML: a mixture [{path: ..., fraction: ...}, ...]",
+    "per_device_train_batch_size": "rows per process per micro-batch",
+    "gradient_accumulation_steps": "micro-batches per update (batch = this x the above x processes)",
+    "learning_rate": "peak learning rate",
+    "num_train_epochs": "passes over the training data (max_steps > 0 overrides)",
+    "output_dir": "where the model, its checkpoints and recipe.resolved.yaml go",
+    "report_to": "none, tensorboard, wandb, mlflow, trackio, ... (an extra: pip install -e '.[wandb]')",
+}
+
+# report_to name -> (transformers' availability check, the pip package, this project's extra or None).
+TRACKERS = {
+    "wandb": ("is_wandb_available", "wandb", "wandb"),
+    "mlflow": ("is_mlflow_available", "mlflow", "mlflow"),
+    "trackio": ("is_trackio_available", "trackio", "trackio"),
+    "comet_ml": ("is_comet_available", "comet_ml", "comet"),
+    "clearml": ("is_clearml_available", "clearml", "clearml"),
+    "neptune": ("is_neptune_available", "neptune", "neptune"),
+    "dvclive": ("is_dvclive_available", "dvclive", "dvclive"),
+    "swanlab": ("is_swanlab_available", "swanlab", "swanlab"),
+    "tensorboard": ("is_tensorboard_available", "tensorboard", None),
+    "codecarbon": ("is_codecarbon_available", "codecarbon", None),
+    "azure_ml": ("is_azureml_available", "azureml-core", None),
+    "dagshub": ("is_dagshub_available", "dagshub", None),
+    "flyte": ("is_flyte_deck_standard_available", "flytekit flytekitplugins-deck-standard", None),
+    "kubeflow": ("is_kubeflow_available", "kubeflow", None),
+}
+
+
+def check_trackers(report_to) -> None:
+    """Refuse a `report_to` tracker that transformers does not know or that is not installed, in one line with
+    the command that installs it (transformers would fail with a traceback when the trainer is built)."""
+    from transformers.integrations import integration_utils
+
+    names = [report_to] if isinstance(report_to, str) else list(report_to or [])
+    known = set(integration_utils.INTEGRATION_TO_CALLBACK) | {"all", "none"}
+    for name in names:
+        if name not in known:
+            raise PosttrainError(
+                f"report_to {name}: not a tracker transformers knows{did_you_mean(name, known)}; "
+                f"one of {', '.join(sorted(known))}"
+            )
+        check, package, extra = TRACKERS.get(name, (None, name, None))
+        available = getattr(integration_utils, check, None) if check else None
+        if available is None or available():
+            continue
+        install = f'pip install -e ".[{extra}]" (or pip install {package})' if extra else f"pip install {package}"
+        raise PosttrainError(
+            f"report_to {name}: {package.split()[0]} is not installed; {install}, or set report_to: none"
+        )
+
+
 def check_stage_values(recipe: Recipe) -> None:
     """Refuse, before any model loads, values the trainers would accept and then fail or mistrain on."""
     args = recipe.training_args
+    refuse_missing_local_paths(
+        {
+            "model_name_or_path": recipe.model_args.model_name_or_path,
+            "chat_template_path": getattr(args, "chat_template_path", None),
+        }
+    )
+    check_trackers(args.report_to)
+    hub_error = hub_model_problem(
+        "model_name_or_path", recipe.model_args.model_name_or_path, recipe.model_args.model_revision
+    )
+    if hub_error:
+        raise hub_error
     if not (math.isfinite(args.learning_rate) and args.learning_rate > 0):
         raise PosttrainError(f"learning_rate must be a positive number (got {args.learning_rate})")
     for key in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):

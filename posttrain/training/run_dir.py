@@ -412,7 +412,7 @@ def run_stage_cli(main, config_cls) -> None:
     and exit 2."""
 
     def run():
-        recipe = parse_stage_recipe(config_cls)
+        recipe = parse_stage_recipe(config_cls, help=getattr(sys.modules[main.__module__], "RECIPE_HELP", None))
         with launch_output_lock(recipe.training_args.output_dir):
             main(recipe)
 
