@@ -20,6 +20,7 @@ import trl
 from posttrain.data.lengths import count_dropped
 from posttrain.data.loading import load_datasets, validate_preference_rows
 from posttrain.outputs.errors import PosttrainError
+from posttrain.training.model_card import training_info
 from posttrain.training.recipe import Recipe
 from posttrain.training.run_dir import (
     claim_output_dir,
@@ -77,12 +78,13 @@ def main(recipe: Recipe) -> None:
     tokenizer = load_training_tokenizer(model_args, training_args, require_generation_markers=False)
     train_dataset, eval_dataset = load_datasets(script_args, dataset_args, training_args, validate_preference_rows)
     check_model(model_args, training_args)
+    info = training_info("reward", recipe, train_dataset)  # the training system prompt, before tokenizing
     claim_output_dir(training_args, resume)
 
     trainer = build_trainer(RewardModelTrainer, recipe, tokenizer, train_dataset, eval_dataset)
     with reporting_stops(trainer):  # Ctrl-C or a full disk: one line saying what was kept
         train_result = trainer.train(resume_from_checkpoint=resume)
-        save_run(trainer, recipe, train_result)
+        save_run(trainer, recipe, train_result, info)
 
 
 if __name__ == "__main__":

@@ -163,8 +163,15 @@ def test_max_new_tokens_is_capped_at_what_the_context_leaves(model_and_tokenizer
     generate.generate_turn(model, tokenizer, messages, max_new_tokens=10 * context, do_sample=False)
     assert capsys.readouterr().err == (
         f"note: --max-new-tokens {10 * context} capped at {context - n_prompt}: the conversation takes "
-        f"{n_prompt} of the model's {context} context tokens\n"
+        f"{n_prompt} of the model's {context} context tokens (later replies: capped at the room left, "
+        "without this note)\n"
     )
+    # The next turn of a chat is capped again, without the note.
+    longer = [*messages, {"role": "assistant", "content": "bees"}, {"role": "user", "content": "bees bees"}]
+    ids, _ = generate.generate_ids(model, tokenizer, longer, max_new_tokens=10 * context, do_sample=False)
+    assert capsys.readouterr().err == ""
+    n_longer = len(tokenizer.apply_chat_template(longer, add_generation_prompt=True, return_dict=True)["input_ids"])
+    assert len(ids) <= context - n_longer
 
 
 def test_the_repl_reports_undecodable_input_and_goes_on(tiny_model_dir):

@@ -62,6 +62,19 @@ def test_ddp_config():
     assert cfg.deepspeed_config == {}
 
 
+def test_fsdp_config():
+    """FSDP2, full shard, a full state dict on save (one loadable model.safetensors), bf16; activation
+    checkpointing is left to the recipe (transformers refuses both at once)."""
+    cfg = load_accelerate_config(CONFIGS / "fsdp.yaml")
+    fsdp = cfg.fsdp_config
+    assert cfg.distributed_type.value == "FSDP" and cfg.mixed_precision == "bf16"
+    assert fsdp["fsdp_version"] == 2 and fsdp["fsdp_reshard_after_forward"] is True  # FULL_SHARD
+    assert fsdp["fsdp_state_dict_type"] == "FULL_STATE_DICT" and fsdp["fsdp_offload_params"] is False
+    assert fsdp["fsdp_activation_checkpointing"] is False
+    assert fsdp["fsdp_auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP"
+    assert (cfg.num_machines, cfg.num_processes) == (1, 8) and cfg.deepspeed_config == {}
+
+
 def test_multinode_config_names_its_rendezvous():
     cfg = load_accelerate_config(CONFIGS / "zero3_multinode.yaml")
     assert cfg.machine_rank == 0 and cfg.main_process_ip and cfg.main_process_port == 29500
@@ -230,6 +243,8 @@ def train_under_deepspeed(tmp_path, config, stage, script, recipe, model_dir, da
         steps,
         "--report_to",
         "none",
+        "--save_only_model",  # the demo recipe's checkpoints are weights only; these check the sharded state
+        "false",
         *extra,
         cwd=tmp_path,
     )
@@ -287,3 +302,49 @@ def test_dpo_with_live_reference_under_deepspeed(tmp_path, tiny_model_dir, prefe
     assert logs[0]["rewards/chosen"] == pytest.approx(0, abs=1e-6)
     assert logs[0]["rewards/rejected"] == pytest.approx(0, abs=1e-6)
     assert abs(logs[-1]["rewards/chosen"]) > 1e-4 and logs[-1]["rewards/margins"] != 0
+
+
+@pytest.mark.slow
+def test_sft_under_fsdp2(tmp_path, tiny_model_dir, sft_data_dir):
+    """FSDP2 on 2 CPU processes (gloo), activation checkpointing from the recipe: the saved model is full-size
+    and trained, the checkpoint holds the optimizer state, and the losses are those of a 2-process run."""
+    out = tmp_path / "out"
+    accelerate_launch(
+        "fsdp.yaml",
+        "posttrain/sft.py",
+        "recipes/demo/sft.yaml",
+        "--model_name_or_path",
+        tiny_model_dir,
+        "--dataset_name",
+        sft_data_dir,
+        "--output_dir",
+        out,
+        "--max_steps",
+        "4",
+        "--num_train_epochs",
+        "1",
+        "--logging_steps",
+        "1",
+        "--eval_strategy",
+        "no",
+        "--save_steps",
+        "4",
+        "--save_only_model",
+        "false",
+        "--activation_checkpointing",
+        "true",
+        "--report_to",
+        "none",
+        cwd=tmp_path,
+    )
+    assert_trained_full_model(out, tiny_model_dir)
+    assert (out / "checkpoint-4" / "optimizer.pt").is_file()
+    state = json.loads((out / "trainer_state.json").read_text())
+    losses = [e["loss"] for e in state["log_history"] if "loss" in e]
+    assert state["global_step"] == 4 and len(losses) == 4 and losses[-1] < losses[0]
+    # Two ranks, each one packed row per step: two epochs of the 4 rows in 4 steps.
+    assert state["log_history"][-1]["epoch"] == pytest.approx(2.0)
+    info = json.loads((out / "training_info.json").read_text())
+    assert info["launch"]["num_processes"] == 2 and info["launch"]["distributed_type"] == "FSDP"
+    resolved = yaml.safe_load((out / "recipe.resolved.yaml").read_text())
+    assert resolved["ddp_backend"] is None and resolved["activation_checkpointing"] is True

@@ -71,15 +71,17 @@ class Recipe:
 def launch_defaults() -> dict:
     """Defaults that depend on how the script was launched.
 
-    DeepSpeed on processes without a GPU (the CPU tests and the demo): with no backend named, Accelerate
-    lets DeepSpeed create a gloo process group but records one process on every rank, so the
+    DeepSpeed or FSDP on processes without a GPU (the CPU tests and the demo): with no backend named,
+    Accelerate lets DeepSpeed create a gloo process group but records one process on every rank, so the
     `train_batch_size` it writes into the DeepSpeed config is short by the world size and the first engine
-    DeepSpeed builds fails its own batch-size check. Naming the backend makes Accelerate count the
+    DeepSpeed builds fails its own batch-size check; under FSDP every rank takes itself for the main
+    process and they all write the final model at once. Naming the backend makes Accelerate count the
     processes. On GPUs nothing changes (NCCL is found as before).
     """
     import torch
 
-    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true" and not torch.cuda.is_available():
+    sharded = any(os.environ.get(f"ACCELERATE_USE_{k}", "false").lower() == "true" for k in ("DEEPSPEED", "FSDP"))
+    if sharded and not torch.cuda.is_available():
         return {"ddp_backend": "gloo"}
     return {}
 
