@@ -31,7 +31,9 @@ from posttrain.training.model_card import INFO_NAME, read_training_info
 HELP = "commands: /system TEXT (set system prompt, new conversation), /reset, /quit"
 
 
-def repl(model, tokenizer, system: str | None, gen_kwargs: dict, stdin=None, stdout=None) -> None:
+def repl(
+    model, tokenizer, system: str | None, gen_kwargs: dict, stdin=None, stdout=None, system_source: str = "--system"
+) -> None:
     """Read a line, answer it with streamed tokens, keep the conversation; until /quit or EOF."""
     from transformers import TextStreamer
 
@@ -42,6 +44,7 @@ def repl(model, tokenizer, system: str | None, gen_kwargs: dict, stdin=None, std
     encoding = getattr(stdin, "encoding", None) or "utf-8"
     read = stdin.buffer.readline if hasattr(stdin, "buffer") else stdin.readline  # bytes: decoded per line below
     print(HELP, file=stdout, flush=True)
+    print(f"[system prompt ({system_source}): {repr(system) if system else 'none'}]", file=stdout, flush=True)
     while True:
         if interactive:
             print(">>> ", end="", file=stdout, flush=True)
@@ -139,9 +142,7 @@ def main(argv: list[str] | None = None) -> None:
         head = [{"role": "system", "content": args.system}] if args.system else []
         print(generate_reply(model, tokenizer, head + [{"role": "user", "content": args.prompt}], **gen_kwargs))
         return
-    shown = f"{args.system!r}" if args.system else "none"
-    print(f"[system prompt ({source}): {shown}]", flush=True)
-    repl(model, tokenizer, args.system, gen_kwargs)
+    repl(model, tokenizer, args.system, gen_kwargs, system_source=source)
 
 
 if __name__ == "__main__":

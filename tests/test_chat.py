@@ -204,8 +204,9 @@ def test_the_repl_refuses_a_turn_past_the_context_and_goes_on(model_and_tokenize
     stdin = io.StringIO(f"{'bees ' * context}\nHi\n")
     chat.repl(model, tokenizer, None, {"max_new_tokens": 3, "do_sample": False}, stdin, stdout)
     lines = stdout.getvalue().splitlines()
-    assert len(lines) == 2 and lines[1].startswith("[the conversation is ")
-    assert lines[1].endswith(
+    assert lines[1] == "[system prompt (--system): none]"
+    assert len(lines) == 3 and lines[2].startswith("[the conversation is ")
+    assert lines[2].endswith(
         f"the model's context is {context}: no room for a reply; /reset starts a new conversation]"
     )
     assert seen == [[("bees " * context).strip()], ["Hi"]]

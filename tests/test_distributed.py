@@ -6,7 +6,8 @@ then resolves to the right ranks, address and process counts.
 
 Slow tests (`-m slow`): `accelerate launch` with the repo's ZeRO-2 / ZeRO-3
 configs on 2 CPU processes, only the process count and precision overridden on
-the command line, and assertions on the saved models.
+the command line, and assertions on the saved models; the FSDP config on CPU
+processes, which accelerate would not shard, refused.
 """
 
 from __future__ import annotations
@@ -15,9 +16,11 @@ import json
 import os
 import shlex
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from helpers import REPO, accelerate_launch
 
@@ -304,47 +307,38 @@ def test_dpo_with_live_reference_under_deepspeed(tmp_path, tiny_model_dir, prefe
     assert abs(logs[-1]["rewards/chosen"]) > 1e-4 and logs[-1]["rewards/margins"] != 0
 
 
+FSDP_ON_CPU = (
+    "error: an FSDP launch needs GPUs: accelerate applies FSDP to GPU processes only, and on CPU processes each "
+    "would train alone, unsharded and unsynchronised; on CPU use accelerate_configs/zero3.yaml (DeepSpeed ZeRO-3 "
+    "runs there) or a single process"
+)
+
+
 @pytest.mark.slow
-def test_sft_under_fsdp2(tmp_path, tiny_model_dir, sft_data_dir):
-    """FSDP2 on 2 CPU processes (gloo), activation checkpointing from the recipe: the saved model is full-size
-    and trained, the checkpoint holds the optimizer state, and the losses are those of a 2-process run."""
-    out = tmp_path / "out"
-    accelerate_launch(
-        "fsdp.yaml",
-        "posttrain/sft.py",
-        "recipes/demo/sft.yaml",
-        "--model_name_or_path",
-        tiny_model_dir,
-        "--dataset_name",
-        sft_data_dir,
-        "--output_dir",
-        out,
-        "--max_steps",
-        "4",
-        "--num_train_epochs",
-        "1",
-        "--logging_steps",
-        "1",
-        "--eval_strategy",
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU: FSDP applies")
+def test_an_fsdp_launch_on_cpu_processes_is_refused(tmp_path, tiny_model_dir, sft_data_dir):
+    """Accelerate 1.15 applies an FSDP config to GPU processes only: on 2 CPU processes each rank would train
+    alone (unsharded, unsynchronised) and both would write the model. Refused in one line, nothing written."""
+    cmd = [
+        str(Path(sys.executable).parent / "accelerate"),
+        "launch",
+        "--config_file",
+        str(CONFIGS / "fsdp.yaml"),
+        "--num_processes",
+        "2",
+        "--mixed_precision",
         "no",
-        "--save_steps",
-        "4",
-        "--save_only_model",
-        "false",
-        "--activation_checkpointing",
-        "true",
-        "--report_to",
-        "none",
-        cwd=tmp_path,
-    )
-    assert_trained_full_model(out, tiny_model_dir)
-    assert (out / "checkpoint-4" / "optimizer.pt").is_file()
-    state = json.loads((out / "trainer_state.json").read_text())
-    losses = [e["loss"] for e in state["log_history"] if "loss" in e]
-    assert state["global_step"] == 4 and len(losses) == 4 and losses[-1] < losses[0]
-    # Two ranks, each one packed row per step: two epochs of the 4 rows in 4 steps.
-    assert state["log_history"][-1]["epoch"] == pytest.approx(2.0)
-    info = json.loads((out / "training_info.json").read_text())
-    assert info["launch"]["num_processes"] == 2 and info["launch"]["distributed_type"] == "FSDP"
-    resolved = yaml.safe_load((out / "recipe.resolved.yaml").read_text())
-    assert resolved["ddp_backend"] is None and resolved["activation_checkpointing"] is True
+        str(REPO / "posttrain/sft.py"),
+        str(REPO / "recipes/demo/sft.yaml"),
+        "--model_name_or_path",
+        str(tiny_model_dir),
+        "--dataset_name",
+        str(sft_data_dir),
+        "--output_dir",
+        str(tmp_path / "out"),
+    ]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0
+    assert {line for line in proc.stderr.splitlines() if line.startswith("error: ")} == {FSDP_ON_CPU}, proc.stderr
+    assert not (tmp_path / "out").exists()
