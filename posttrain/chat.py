@@ -5,8 +5,11 @@ model's own chat template (the ChatML template every model here carries), and
 a `--prompt` one-shot mode for scripts that prints only the reply. Generation
 stops at `<|im_end|>`, the end-of-turn token SFT trains the model to emit.
 
-The default system prompt is the one data_scripts adds to every training
-conversation without one: a model answers best in the setting it was trained in.
+The default system prompt is the one the model was trained with, read from its
+training_info.json (the most common system message of the training data; none
+if its rows had none), which the training stages write; for a directory without
+one (a converted base model), the one data_scripts adds to every training
+conversation without one. A model answers best in the setting it was trained in.
 REPL commands: `/system TEXT` sets the system prompt and starts over, `/reset`
 clears the conversation (keeps the system prompt), `/quit` (or Ctrl-D) exits.
 
@@ -23,11 +26,14 @@ from posttrain.data.adapters import DEFAULT_SYSTEM_PROMPT
 from posttrain.generation.generate import check_device, check_dtype, check_text, generate_reply, load_model
 from posttrain.outputs.errors import PosttrainError, run_cli
 from posttrain.outputs.flags import ArgumentParser
+from posttrain.training.model_card import INFO_NAME, read_training_info
 
 HELP = "commands: /system TEXT (set system prompt, new conversation), /reset, /quit"
 
 
-def repl(model, tokenizer, system: str | None, gen_kwargs: dict, stdin=None, stdout=None) -> None:
+def repl(
+    model, tokenizer, system: str | None, gen_kwargs: dict, stdin=None, stdout=None, system_source: str = "--system"
+) -> None:
     """Read a line, answer it with streamed tokens, keep the conversation; until /quit or EOF."""
     from transformers import TextStreamer
 
@@ -38,6 +44,7 @@ def repl(model, tokenizer, system: str | None, gen_kwargs: dict, stdin=None, std
     encoding = getattr(stdin, "encoding", None) or "utf-8"
     read = stdin.buffer.readline if hasattr(stdin, "buffer") else stdin.readline  # bytes: decoded per line below
     print(HELP, file=stdout, flush=True)
+    print(f"[system prompt ({system_source}): {repr(system) if system else 'none'}]", file=stdout, flush=True)
     while True:
         if interactive:
             print(">>> ", end="", file=stdout, flush=True)
@@ -85,9 +92,9 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--prompt", help="one-shot: answer this prompt, print only the reply, exit")
     p.add_argument(
         "--system",
-        default=DEFAULT_SYSTEM_PROMPT,
-        help="system prompt; default: the one data_scripts puts in every training conversation that has none "
-        "('' for no system message)",
+        default=None,
+        help=f"system prompt ('' for no system message); default: the one the model was trained with "
+        f"(MODEL_DIR/{INFO_NAME}), else the one data_scripts puts in every training conversation that has none",
     )
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.7)
@@ -101,8 +108,19 @@ def build_parser() -> ArgumentParser:
     return p
 
 
+def default_system_prompt(model_dir) -> tuple[str | None, str]:
+    """(the system prompt the model was trained with, where that comes from)."""
+    info = read_training_info(model_dir)
+    if info is not None and "system_prompt" in info:
+        return info["system_prompt"], f"as trained, from {INFO_NAME}"
+    return DEFAULT_SYSTEM_PROMPT, f"data_scripts' default: {model_dir} has no {INFO_NAME}"
+
+
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    source = "--system"
+    if args.system is None:
+        args.system, source = default_system_prompt(args.model_dir)
     if args.max_new_tokens < 1:
         raise PosttrainError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     if args.do_sample and not (args.temperature > 0 and 0 < args.top_p <= 1):
@@ -124,7 +142,7 @@ def main(argv: list[str] | None = None) -> None:
         head = [{"role": "system", "content": args.system}] if args.system else []
         print(generate_reply(model, tokenizer, head + [{"role": "user", "content": args.prompt}], **gen_kwargs))
         return
-    repl(model, tokenizer, args.system, gen_kwargs)
+    repl(model, tokenizer, args.system, gen_kwargs, system_source=source)
 
 
 if __name__ == "__main__":

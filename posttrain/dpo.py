@@ -25,6 +25,7 @@ from posttrain.data.lengths import drop_unfit_rows
 from posttrain.data.loading import load_datasets, validate_preference_rows
 from posttrain.training.callbacks import add_health_callback, held_out_prompts
 from posttrain.training.dpo_batching import LengthGroupedPairs
+from posttrain.training.model_card import training_info
 from posttrain.training.padding_free import PaddingFreePairs, check_padding_free
 from posttrain.training.recipe import STAGE_KEYS, Recipe, RecipeHelp
 from posttrain.training.run_dir import (
@@ -148,6 +149,7 @@ def main(recipe: Recipe) -> None:
     health_prompts = held_out_prompts(eval_dataset, script_args.health_prompts)
     check_model(model_args, training_args)
     check_padding_free(model_args, training_args)
+    info = training_info("dpo", recipe, train_dataset)  # the training system prompt, before tokenizing
 
     trainer = build_trainer(PreferenceTrainer, recipe, tokenizer, train_dataset, eval_dataset)
     add_health_callback(trainer, health_prompts)
@@ -155,7 +157,7 @@ def main(recipe: Recipe) -> None:
     claim_output_dir(training_args, resume)  # the model loaded: only now are old checkpoints removed
     with reporting_stops(trainer):  # Ctrl-C or a full disk: one line saying what was kept
         train_result = trainer.train(resume_from_checkpoint=resume)
-        save_run(trainer, recipe, train_result)
+        save_run(trainer, recipe, train_result, info)
 
 
 if __name__ == "__main__":

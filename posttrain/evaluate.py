@@ -46,6 +46,7 @@ from posttrain.generation import health
 from posttrain.outputs.atomic import atomic_output_dir, check_output_dir
 from posttrain.outputs.errors import PosttrainError, run_cli
 from posttrain.outputs.flags import refuse_missing_local_paths
+from posttrain.training import model_card
 from posttrain.training.recipe import RecipeHelp, parse_recipe, save_resolved_recipe
 from posttrain.training.trainers import check_model
 
@@ -281,6 +282,10 @@ def main(args: EvalArguments) -> None:
         judge.write_rows(tmp, judged)
         save_resolved_recipe(tmp, args)
     out = Path(args.output_dir)
+    # Only now, with the report complete: each scored training output's model card gets these scores
+    # (one atomic rename of its README.md; a directory that cannot be written gets a note).
+    for note in model_card.add_evaluation_to_cards(summary, out.resolve() / report.REPORT_NAME):
+        print(note, file=sys.stderr)
     print("\n" + report.scores_table(summary, "acc"))
     if comparisons:
         print("\n" + report.comparisons_table(comparisons))

@@ -21,6 +21,7 @@ import trl
 from posttrain.data.lengths import count_dropped
 from posttrain.data.loading import load_datasets, validate_preference_rows
 from posttrain.outputs.errors import PosttrainError
+from posttrain.training.model_card import training_info
 from posttrain.training.recipe import STAGE_KEYS, Recipe, RecipeHelp
 from posttrain.training.run_dir import (
     apply_recipe_change,
@@ -92,13 +93,14 @@ def main(recipe: Recipe) -> None:
     train_dataset, eval_dataset = load_datasets(script_args, dataset_args, training_args, validate_preference_rows)
     check_renders(tokenizer, train_dataset, model_args.model_name_or_path)
     check_model(model_args, training_args)
+    info = training_info("reward", recipe, train_dataset)  # the training system prompt, before tokenizing
 
     trainer = build_trainer(RewardModelTrainer, recipe, tokenizer, train_dataset, eval_dataset)
     apply_recipe_change(trainer, record, resume)
     claim_output_dir(training_args, resume)  # the model loaded: only now are old checkpoints removed
     with reporting_stops(trainer):  # Ctrl-C or a full disk: one line saying what was kept
         train_result = trainer.train(resume_from_checkpoint=resume)
-        save_run(trainer, recipe, train_result)
+        save_run(trainer, recipe, train_result, info)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ import trl
 from posttrain.data.lengths import drop_overlong_conversations
 from posttrain.data.loading import load_datasets, validate_sft_rows
 from posttrain.training.callbacks import add_health_callback, held_out_prompts
+from posttrain.training.model_card import training_info
 from posttrain.training.recipe import STAGE_KEYS, Recipe, RecipeHelp
 from posttrain.training.run_dir import (
     apply_recipe_change,
@@ -67,6 +68,7 @@ def main(recipe: Recipe) -> None:
     eval_dataset = drop_overlong_conversations(eval_dataset, tokenizer, training_args, "eval")
     health_prompts = held_out_prompts(eval_dataset, script_args.health_prompts)
     check_model(model_args, training_args)
+    info = training_info("sft", recipe, train_dataset)  # the training system prompt, before tokenizing
 
     trainer = build_trainer(trl.SFTTrainer, recipe, tokenizer, train_dataset, eval_dataset)
     add_health_callback(trainer, health_prompts)
@@ -74,7 +76,7 @@ def main(recipe: Recipe) -> None:
     claim_output_dir(training_args, resume)  # the model loaded: only now are old checkpoints removed
     with reporting_stops(trainer):  # Ctrl-C or a full disk: one line saying what was kept
         train_result = trainer.train(resume_from_checkpoint=resume)
-        save_run(trainer, recipe, train_result)
+        save_run(trainer, recipe, train_result, info)
 
 
 if __name__ == "__main__":

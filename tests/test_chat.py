@@ -163,8 +163,15 @@ def test_max_new_tokens_is_capped_at_what_the_context_leaves(model_and_tokenizer
     generate.generate_turn(model, tokenizer, messages, max_new_tokens=10 * context, do_sample=False)
     assert capsys.readouterr().err == (
         f"note: --max-new-tokens {10 * context} capped at {context - n_prompt}: the conversation takes "
-        f"{n_prompt} of the model's {context} context tokens\n"
+        f"{n_prompt} of the model's {context} context tokens (later replies: capped at the room left, "
+        "without this note)\n"
     )
+    # The next turn of a chat is capped again, without the note.
+    longer = [*messages, {"role": "assistant", "content": "bees"}, {"role": "user", "content": "bees bees"}]
+    ids, _ = generate.generate_ids(model, tokenizer, longer, max_new_tokens=10 * context, do_sample=False)
+    assert capsys.readouterr().err == ""
+    n_longer = len(tokenizer.apply_chat_template(longer, add_generation_prompt=True, return_dict=True)["input_ids"])
+    assert len(ids) <= context - n_longer
 
 
 def test_the_repl_reports_undecodable_input_and_goes_on(tiny_model_dir):
@@ -197,8 +204,9 @@ def test_the_repl_refuses_a_turn_past_the_context_and_goes_on(model_and_tokenize
     stdin = io.StringIO(f"{'bees ' * context}\nHi\n")
     chat.repl(model, tokenizer, None, {"max_new_tokens": 3, "do_sample": False}, stdin, stdout)
     lines = stdout.getvalue().splitlines()
-    assert len(lines) == 2 and lines[1].startswith("[the conversation is ")
-    assert lines[1].endswith(
+    assert lines[1] == "[system prompt (--system): none]"
+    assert len(lines) == 3 and lines[2].startswith("[the conversation is ")
+    assert lines[2].endswith(
         f"the model's context is {context}: no room for a reply; /reset starts a new conversation]"
     )
     assert seen == [[("bees " * context).strip()], ["Hi"]]

@@ -103,3 +103,40 @@ def test_raw_data_is_in_the_form_data_scripts_reads(tmp_path):
 def test_printable_keeps_columns_aligned():
     assert demo.printable("a\tb\n\n c") == "a b c"
     assert demo.printable("x\x1b[2Jy\x00") == "x\ufffd[2Jy\ufffd"
+
+
+# ------------------------------------------------------------------ demo_runs/ stays small
+
+
+@pytest.mark.parametrize("stage", ["sft", "dpo", "reward"])
+def test_the_demo_recipes_keep_one_weights_only_checkpoint(stage):
+    """Each demo checkpoint would otherwise hold AdamW's two fp32 moments (2 x 116 MB for the 30M-parameter
+    model), and two were kept per run."""
+    from helpers import REPO, parse_stage
+
+    args = parse_stage(stage, REPO / "recipes" / "demo" / f"{stage}.yaml").training_args
+    assert args.save_only_model is True and args.save_total_limit == 1
+
+
+def test_summary_line_has_the_time_the_sizes_and_the_report(tmp_path):
+    work = tmp_path / "demo_runs"
+    for name, size in (("sft", 3_000_000), ("dpo", 2_000_000), ("eval", 1000)):
+        (work / name).mkdir(parents=True)
+        (work / name / "model.safetensors").write_bytes(b"\0" * size)
+    line = demo.summary_line(123.4, work, work / "eval" / "report.md")
+    total = demo.disk_usage(work)
+    assert 5_000_000 <= total < 5_100_000
+    assert line == (
+        f"done in 123 s; {work} takes {total / 1e6:.0f} MB on disk (sft/ 3, dpo/ 2, eval/ 0 MB); "
+        f"report: {work / 'eval' / 'report.md'}"
+    )
+
+
+def test_the_demo_ends_on_its_summary_line():
+    import ast
+    import inspect
+    import textwrap
+
+    body = ast.parse(textwrap.dedent(inspect.getsource(demo.run_demo))).body[0].body
+    last = body[-1]
+    assert isinstance(last, ast.Expr) and ast.unparse(last).startswith("print(summary_line("), ast.unparse(last)

@@ -6,7 +6,8 @@ then resolves to the right ranks, address and process counts.
 
 Slow tests (`-m slow`): `accelerate launch` with the repo's ZeRO-2 / ZeRO-3
 configs on 2 CPU processes, only the process count and precision overridden on
-the command line, and assertions on the saved models.
+the command line, and assertions on the saved models; the FSDP config on CPU
+processes, which accelerate would not shard, refused.
 """
 
 from __future__ import annotations
@@ -15,9 +16,11 @@ import json
 import os
 import shlex
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from helpers import REPO, accelerate_launch
 
@@ -60,6 +63,19 @@ def test_ddp_config():
     assert cfg.distributed_type.value == "MULTI_GPU"
     assert (cfg.mixed_precision, cfg.num_machines, cfg.num_processes) == ("bf16", 1, 8)
     assert cfg.deepspeed_config == {}
+
+
+def test_fsdp_config():
+    """FSDP2, full shard, a full state dict on save (one loadable model.safetensors), bf16; activation
+    checkpointing is left to the recipe (transformers refuses both at once)."""
+    cfg = load_accelerate_config(CONFIGS / "fsdp.yaml")
+    fsdp = cfg.fsdp_config
+    assert cfg.distributed_type.value == "FSDP" and cfg.mixed_precision == "bf16"
+    assert fsdp["fsdp_version"] == 2 and fsdp["fsdp_reshard_after_forward"] is True  # FULL_SHARD
+    assert fsdp["fsdp_state_dict_type"] == "FULL_STATE_DICT" and fsdp["fsdp_offload_params"] is False
+    assert fsdp["fsdp_activation_checkpointing"] is False
+    assert fsdp["fsdp_auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP"
+    assert (cfg.num_machines, cfg.num_processes) == (1, 8) and cfg.deepspeed_config == {}
 
 
 def test_multinode_config_names_its_rendezvous():
@@ -230,6 +246,8 @@ def train_under_deepspeed(tmp_path, config, stage, script, recipe, model_dir, da
         steps,
         "--report_to",
         "none",
+        "--save_only_model",  # the demo recipe's checkpoints are weights only; these check the sharded state
+        "false",
         *extra,
         cwd=tmp_path,
     )
@@ -287,3 +305,40 @@ def test_dpo_with_live_reference_under_deepspeed(tmp_path, tiny_model_dir, prefe
     assert logs[0]["rewards/chosen"] == pytest.approx(0, abs=1e-6)
     assert logs[0]["rewards/rejected"] == pytest.approx(0, abs=1e-6)
     assert abs(logs[-1]["rewards/chosen"]) > 1e-4 and logs[-1]["rewards/margins"] != 0
+
+
+FSDP_ON_CPU = (
+    "error: an FSDP launch needs GPUs: accelerate applies FSDP to GPU processes only, and on CPU processes each "
+    "would train alone, unsharded and unsynchronised; on CPU use accelerate_configs/zero3.yaml (DeepSpeed ZeRO-3 "
+    "runs there) or a single process"
+)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU: FSDP applies")
+def test_an_fsdp_launch_on_cpu_processes_is_refused(tmp_path, tiny_model_dir, sft_data_dir):
+    """Accelerate 1.15 applies an FSDP config to GPU processes only: on 2 CPU processes each rank would train
+    alone (unsharded, unsynchronised) and both would write the model. Refused in one line, nothing written."""
+    cmd = [
+        str(Path(sys.executable).parent / "accelerate"),
+        "launch",
+        "--config_file",
+        str(CONFIGS / "fsdp.yaml"),
+        "--num_processes",
+        "2",
+        "--mixed_precision",
+        "no",
+        str(REPO / "posttrain/sft.py"),
+        str(REPO / "recipes/demo/sft.yaml"),
+        "--model_name_or_path",
+        str(tiny_model_dir),
+        "--dataset_name",
+        str(sft_data_dir),
+        "--output_dir",
+        str(tmp_path / "out"),
+    ]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0
+    assert {line for line in proc.stderr.splitlines() if line.startswith("error: ")} == {FSDP_ON_CPU}, proc.stderr
+    assert not (tmp_path / "out").exists()

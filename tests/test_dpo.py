@@ -160,7 +160,11 @@ def trained(tmp_path_factory, tiny_model_dir, pref_dir):
 
     tmp = tmp_path_factory.mktemp("dpo_run")
     out = tmp / "out"
-    recipe = write_recipe(tmp / "r.yaml", tiny_model_dir, pref_dir, out, max_steps=STEPS, learning_rate=1e-3)
+    # Resumable checkpoints, all kept (the demo recipe keeps one, weights only).
+    resumable = dict(save_only_model=False, save_total_limit=None)
+    recipe = write_recipe(
+        tmp / "r.yaml", tiny_model_dir, pref_dir, out, max_steps=STEPS, learning_rate=1e-3, **resumable
+    )
     stdout = io.StringIO()
     with contextlib.redirect_stdout(stdout):
         run_dpo(recipe)

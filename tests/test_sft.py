@@ -37,6 +37,7 @@ TWO_TURN = 6  # index of the two-turn conversation in fixtures.sft_rows()
 write_recipe = functools.partial(helpers.write_recipe, "sft")
 run_sft = functools.partial(run_stage, "sft")
 SHORT_RUN = dict(eval_strategy="no", save_strategy="no")  # train and save the final model only
+RESUMABLE = dict(save_only_model=False, save_total_limit=None)  # the demo recipe keeps one weights-only checkpoint
 
 
 def parse(*argv):
@@ -177,7 +178,8 @@ def test_packed_loss_equals_unpacked_loss(tmp_path, tiny_model_dir, sft_data_dir
 
 
 def test_resume_equals_uninterrupted(tmp_path, tiny_model_dir, sft_data_dir):
-    common = dict(max_steps=6, save_steps=3, eval_strategy="no", learning_rate=1e-2)
+    # Checkpoints with optimizer state, all kept (the demo recipe keeps one, weights only).
+    common = dict(max_steps=6, save_steps=3, eval_strategy="no", learning_rate=1e-2, **RESUMABLE)
     full = write_recipe(tmp_path / "full.yaml", tiny_model_dir, sft_data_dir, tmp_path / "full", **common)
     run_sft(full)
     # A run stopped after step 3 leaves exactly checkpoint-3 on disk; resume it for the other 3 steps.

@@ -28,7 +28,10 @@ from posttrain.outputs.errors import PosttrainError
 from posttrain.training.recipe import RESOLVED_RECIPE_NAME
 
 write_recipe = functools.partial(helpers.write_recipe, "sft")
-SHORT = dict(max_steps=6, save_steps=2, eval_strategy="no", learning_rate=1e-2)
+# Resumable checkpoints (optimizer state), all kept: the demo recipe keeps one, weights only.
+SHORT = dict(
+    max_steps=6, save_steps=2, eval_strategy="no", learning_rate=1e-2, save_only_model=False, save_total_limit=None
+)
 
 
 def run_stage_script(tmp_path: Path, recipe: Path, *argv, patch: str = "", stage: str = "sft"):

@@ -120,6 +120,21 @@ def save_plot(panels: dict[str, dict[str, tuple[list, list]]], path: str | Path)
     return path
 
 
+def disk_usage(path: Path) -> int:
+    """Bytes the files under `path` take on disk (what `du` counts)."""
+    return sum(p.lstat().st_blocks * 512 for p in [path, *path.rglob("*")] if not p.is_symlink())
+
+
+def summary_line(seconds: float, work: Path, report: Path) -> str:
+    """The demo's last line: its time, the size of the work dir and of its largest parts, the report."""
+    parts = sorted(((disk_usage(p), p.name) for p in work.iterdir() if p.is_dir()), reverse=True)
+    largest = ", ".join(f"{name}/ {size / 1e6:.0f}" for size, name in parts[:5])
+    return (
+        f"done in {seconds:.0f} s; {work} takes {disk_usage(work) / 1e6:.0f} MB on disk ({largest} MB); "
+        f"report: {report}"
+    )
+
+
 def read_log_history(run_dir: Path) -> list[dict]:
     path = run_dir / "trainer_state.json"
     if not path.is_file():
@@ -336,14 +351,13 @@ def run_demo(work: Path) -> None:
         if dpo_acc
         else ""
     )
-    print(
-        f"models in {w}: converted/, sft/, dpo/; talk to one (the demo data's system prompt):\n"
-        f"  python -m posttrain.chat {w / 'dpo'} --system {shlex.quote(fixtures.SYSTEM_PROMPT)}"
-    )
     evaluation = run_evaluation(demo, converted)
-    print(f"done in {time.monotonic() - demo.t0:.0f} s")
-    print(f"plot: {plot}")
-    print(f"evaluation report: {evaluation / 'report.md'}\nevaluation chart: {evaluation / 'scores.png'}")
+    print(f"\ntraining curves: {plot}\nevaluation chart: {evaluation / 'scores.png'}")
+    print(
+        f"models in {w}: converted/, sft/, dpo/ (each sft/dpo README.md is its model card); talk to one "
+        f"(it uses the system prompt it was trained with):\n  python -m posttrain.chat {w / 'dpo'}"
+    )
+    print(summary_line(time.monotonic() - demo.t0, w, evaluation / "report.md"))
 
 
 def main(argv: list[str] | None = None) -> None:

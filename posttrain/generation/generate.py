@@ -81,6 +81,9 @@ def _stop_token_ids(tokenizer) -> list[int]:
     return sorted(i for i in ids if i is not None)
 
 
+_CAPS_NOTED: set[int] = set()  # the max_new_tokens values whose cap has been noted in this process
+
+
 def generate_ids(
     model,
     tokenizer,
@@ -105,11 +108,14 @@ def generate_ids(
             f"the conversation is {n_prompt} tokens, and the model's context is {context}: no room for a reply"
         )
     if n_prompt + max_new_tokens > context:
-        print(
-            f"note: --max-new-tokens {max_new_tokens} capped at {context - n_prompt}: the conversation takes "
-            f"{n_prompt} of the model's {context} context tokens",
-            file=sys.stderr,
-        )
+        if max_new_tokens not in _CAPS_NOTED:  # once per value: a chat would repeat it every turn
+            _CAPS_NOTED.add(max_new_tokens)
+            print(
+                f"note: --max-new-tokens {max_new_tokens} capped at {context - n_prompt}: the conversation takes "
+                f"{n_prompt} of the model's {context} context tokens (later replies: capped at the room left, "
+                "without this note)",
+                file=sys.stderr,
+            )
         max_new_tokens = context - n_prompt
     sampling = dict(do_sample=True, temperature=temperature, top_p=top_p) if do_sample else dict(do_sample=False)
     stop = _stop_token_ids(tokenizer)

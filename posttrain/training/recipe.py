@@ -88,9 +88,19 @@ def launch_defaults() -> dict:
     `train_batch_size` it writes into the DeepSpeed config is short by the world size and the first engine
     DeepSpeed builds fails its own batch-size check. Naming the backend makes Accelerate count the
     processes. On GPUs nothing changes (NCCL is found as before).
+
+    FSDP on processes without a GPU is refused: Accelerate 1.15 applies an FSDP config only to GPU-type
+    processes (its state sets FSDP for MULTI_GPU, MULTI_NPU, ...; CPU processes become MULTI_CPU or NO), so
+    each rank would train alone, neither sharded nor synchronised, and all of them would write the model.
     """
     import torch
 
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and not torch.cuda.is_available():
+        raise PosttrainError(
+            "an FSDP launch needs GPUs: accelerate applies FSDP to GPU processes only, and on CPU processes "
+            "each would train alone, unsharded and unsynchronised; on CPU use accelerate_configs/zero3.yaml "
+            "(DeepSpeed ZeRO-3 runs there) or a single process"
+        )
     if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true" and not torch.cuda.is_available():
         return {"ddp_backend": "gloo"}
     return {}

@@ -1,7 +1,8 @@
 """Save a trained run so that the next stage, a rerun and a reader find everything they need.
 
 The model (or LoRA adapter), tokenizer with its chat template, generation config (stopping at
-`<|im_end|>`), trainer state, optionally the merged LoRA model, and last the resolved recipe: its
+`<|im_end|>`), training_info.json (stage, base model, data, the training system prompt), trainer state,
+optionally the merged LoRA model, the model card (README.md), and last the resolved recipe: its
 presence marks the directory as a finished run.
 """
 
@@ -16,7 +17,8 @@ from pathlib import Path
 from posttrain.conversion.chat_template import IM_END
 from posttrain.outputs.atomic import atomic_output_dir
 from posttrain.outputs.paths import make_readable
-from posttrain.training.recipe import MERGED_DIR, RESOLVED_RECIPE_NAME, Recipe, save_resolved_recipe
+from posttrain.training.model_card import write_model_card, write_training_info
+from posttrain.training.recipe import MERGED_DIR, RESOLVED_RECIPE_NAME, Recipe, resolved_recipe, save_resolved_recipe
 from posttrain.training.run_dir import RunRecipe, recipe_notes
 
 logger = logging.getLogger("posttrain")
@@ -122,8 +124,9 @@ def stage_script(recipe: Recipe) -> str:
     return "posttrain/<stage>.py"
 
 
-def save_run(trainer, recipe: Recipe, train_result) -> None:
-    """Save the trained run into output_dir, the resolved recipe last; then end the trainer."""
+def save_run(trainer, recipe: Recipe, train_result, info: dict | None = None) -> None:
+    """Save the trained run into output_dir, the resolved recipe last; then end the trainer. `info`
+    (posttrain.training.model_card.training_info) becomes training_info.json and the model card."""
     from accelerate.utils import is_peft_model
 
     out = Path(recipe.training_args.output_dir)
@@ -140,10 +143,18 @@ def save_run(trainer, recipe: Recipe, train_result) -> None:
         trainer.save_model(str(tmp))  # model (or LoRA adapter), tokenizer with its chat template
         if trainer.accelerator.is_main_process and generation_config is not None:
             generation_config.save_pretrained(tmp)  # also next to a LoRA adapter
+        if trainer.accelerator.is_main_process and info is not None:
+            info = {**info, "launch": _launch_summary(trainer.accelerator)}
+            write_training_info(tmp, info)
     trainer.save_state()  # trainer_state.json: the log history
     if trainer.accelerator.is_main_process:
         if is_peft_model(model) and recipe.script_args.merge_lora_after_training:
-            logger.info("merged model saved to %s", save_merged_lora(trainer, recipe))
+            merged = save_merged_lora(trainer, recipe)
+            if info is not None:
+                write_training_info(merged, info)
+            logger.info("merged model saved to %s", merged)
+        if info is not None:  # over the card TRL wrote at each checkpoint
+            write_model_card(out, settings=resolved_recipe(*recipe.arguments))
         # A rerun from the saved recipe starts from scratch, and re-derives its launch defaults.
         overrides = {
             "resume_from_checkpoint": None,
