@@ -18,6 +18,7 @@ the room the context leaves, with a note.
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 
 from posttrain.conversion.chat_template import SPECIAL_TOKENS
@@ -41,11 +42,12 @@ def refuse_control_tokens(text: str, tokenizer, what: str) -> None:
     would read it as the token itself, so one message could end its turn and forge others. Refused, not
     escaped: any escape would change what the user wrote, and the model never saw it in training (which
     refuses such text too)."""
-    for token in special_tokens(tokenizer):
-        if token in text:
-            raise PosttrainError(
-                f"{what} holds the control token {token}, which would end the turn and could forge others; remove it"
-            )
+    found = re.search("|".join(map(re.escape, special_tokens(tokenizer))), text)
+    if found:
+        raise PosttrainError(
+            f"{what} holds the control token {found.group()}, which would end the turn and could forge others; "
+            "remove it"
+        )
 
 
 def repl(model, tokenizer, system: str | None, gen_kwargs: dict, stdin=None, stdout=None) -> None:
