@@ -25,6 +25,7 @@ SOURCES = {
     "slimorca": prep.Source(a.sharegpt, "Open-Orca/SlimOrca"),
     "oasst": prep.Source(a.messages, "OpenAssistant/oasst2", test_split="validation", regroup=a.oasst_threads),
     "messages": prep.Source(a.messages, test_split="test"),
+    "prompt_completion": prep.Source(a.prompt_completion, test_split="test"),
     "sharegpt": prep.Source(a.sharegpt, test_split="test"),
 }
 

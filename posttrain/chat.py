@@ -20,8 +20,10 @@ the room the context leaves, with a note.
 
 from __future__ import annotations
 
+import re
 import sys
 
+from posttrain.conversion.chat_template import SPECIAL_TOKENS
 from posttrain.data.adapters import DEFAULT_SYSTEM_PROMPT
 from posttrain.generation.generate import check_device, check_dtype, check_text, generate_reply, load_model
 from posttrain.outputs.errors import PosttrainError, run_cli
@@ -29,6 +31,27 @@ from posttrain.outputs.flags import ArgumentParser
 from posttrain.training.model_card import INFO_NAME, read_training_info
 
 HELP = "commands: /system TEXT (set system prompt, new conversation), /reset, /quit"
+
+
+def special_tokens(tokenizer) -> list[str]:
+    """Every special token of the tokenizer (its named ones and the added tokens marked special) and the
+    ChatML control tokens, longest first."""
+    tokens = set(SPECIAL_TOKENS) | set(getattr(tokenizer, "all_special_tokens", ()))
+    tokens |= {t.content for t in getattr(tokenizer, "added_tokens_decoder", {}).values() if t.special}
+    return sorted((t for t in tokens if t), key=len, reverse=True)
+
+
+def refuse_control_tokens(text: str, tokenizer, what: str) -> None:
+    """Text a user typed may not hold a special token (`<|im_end|>`, `<|im_start|>`, ...): the tokenizer
+    would read it as the token itself, so one message could end its turn and forge others. Refused, not
+    escaped: any escape would change what the user wrote, and the model never saw it in training (which
+    refuses such text too)."""
+    found = re.search("|".join(map(re.escape, special_tokens(tokenizer))), text)
+    if found:
+        raise PosttrainError(
+            f"{what} holds the control token {found.group()}, which would end the turn and could forge others; "
+            "remove it"
+        )
 
 
 def repl(
@@ -66,12 +89,22 @@ def repl(
             print("[conversation reset]", file=stdout, flush=True)
             continue
         if line == "/system" or line.startswith("/system "):
-            system = line[len("/system") :].strip() or None
-            history = []
+            new_system = line[len("/system") :].strip() or None
+            try:
+                refuse_control_tokens(new_system or "", tokenizer, "the system prompt")
+            except PosttrainError as err:
+                print(f"[{err}; not set]", file=stdout, flush=True)
+                continue
+            system, history = new_system, []
             print(f"[system prompt {'set' if system else 'cleared'}; conversation reset]", file=stdout, flush=True)
             continue
         if line.startswith("/"):
             print(f"[unknown command {line.split()[0]}] {HELP}", file=stdout, flush=True)
+            continue
+        try:
+            refuse_control_tokens(line, tokenizer, "that line")
+        except PosttrainError as err:
+            print(f"[{err}; not sent]", file=stdout, flush=True)
             continue
         history.append({"role": "user", "content": line})
         head = [{"role": "system", "content": system}] if system else []
@@ -135,6 +168,8 @@ def main(argv: list[str] | None = None) -> None:
 
         set_seed(args.seed)
     model, tokenizer = load_model(args.model_dir, device=args.device, dtype=args.dtype)
+    for flag in ("prompt", "system"):
+        refuse_control_tokens(getattr(args, flag) or "", tokenizer, f"--{flag}")
     gen_kwargs = dict(
         max_new_tokens=args.max_new_tokens, do_sample=args.do_sample, temperature=args.temperature, top_p=args.top_p
     )

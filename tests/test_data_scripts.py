@@ -147,7 +147,7 @@ def test_alpaca_cleaned_and_dolly_and_system_prompt_flag(tmp_path):
             sft("Name a bird that cannot fly.", "The penguin.", system=None),
         ],
     )
-    assert dropped(meta) == {"empty_final_assistant_turn": 1}
+    assert dropped(meta) == {"empty_or_missing_field": 1}  # a null response is a missing field, not an empty turn
 
 
 def _ultrachat_copy(root: Path) -> Path:

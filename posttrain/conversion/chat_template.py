@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import re
 
+from posttrain.outputs.errors import is_template_error, template_error
+
 IM_START = "<|im_start|>"
 IM_END = "<|im_end|>"
 ENDOFTEXT = "<|endoftext|>"
@@ -44,6 +46,26 @@ CHATML_TEMPLATE = (
     "{{- '<|im_start|>assistant\\n' }}"
     "{%- endif %}"
 )
+
+
+# A conversation every chat template must render: a template that cannot is refused before any model loads.
+PROBE_CONVERSATION = (
+    {"role": "system", "content": "You are a helpful assistant."},
+    {"role": "user", "content": "Hi"},
+    {"role": "assistant", "content": "Hello."},
+    {"role": "user", "content": "Bye"},
+)
+
+
+def check_template_renders(tokenizer, what: str) -> None:
+    """One line naming `what` when the tokenizer's chat template cannot render PROBE_CONVERSATION: a
+    template that does not parse, that Jinja's sandbox stops (`__class__` and the like), or that raises."""
+    try:
+        tokenizer.apply_chat_template(list(PROBE_CONVERSATION), tokenize=False, add_generation_prompt=True)
+    except Exception as err:
+        if not is_template_error(err):
+            raise
+        raise template_error(err, what) from None
 
 
 def install_chat_template(tokenizer) -> None:

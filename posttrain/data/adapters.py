@@ -6,10 +6,16 @@ raises `Drop(reason)`; `posttrain.data.prep` counts the reasons in meta.json.
 
 Conventions shared by every adapter:
 - contents are stripped; a turn with no text is a drop, never a silent skip;
+- content may be a list of parts (`posttrain.data.messages.text_content`): the text parts are
+  joined, the others dropped and counted (meta.json `dropped_parts`, from the row's `PARTS_KEY`);
+  null content is a missing field, a number or an object is `content_not_text`;
 - a turn holding a ChatML control token as text (`<|im_end|>`, ...) is a drop:
   the tokenizer would read it as the token itself;
-- a source's own (non-empty) system message is kept; a conversation without
-  one gets `system_prompt` first (None or '' adds nothing);
+- a source's own (non-empty) system message is kept where it is, first or
+  mid-conversation; only a conversation without any gets `system_prompt`
+  first (None or '' adds nothing);
+- TRL's standard string forms are read as one turn each: a string prompt is
+  the user's, a string chosen / rejected / completion the assistant's;
 - SFT rows are `{"messages": [...]}` ending on a non-empty assistant turn;
   preference rows are `{"prompt": [...], "chosen": [assistant], "rejected":
   [assistant]}`, the prompt being the whole dialogue before the final turn.
@@ -22,12 +28,17 @@ from collections import defaultdict
 
 from posttrain.conversion.chat_template import ROLES, find_control_token
 from posttrain.data.messages import (
+    CONTENT_NOT_TEXT,
     EMPTY_FIELD,
     EMPTY_FINAL_ASSISTANT,
     NO_FINAL_ASSISTANT,
+    NON_TEXT_ONLY,
     UNKNOWN_ROLE,
+    ContentProblem,
+    as_turns,
     message_problem,
     reads,
+    text_content,
 )
 
 DEFAULT_SYSTEM_PROMPT = (
@@ -40,7 +51,18 @@ SAME_RESPONSE = "chosen_equals_rejected"
 DUPLICATE = "duplicate"
 PROMPT_TOO_LONG = "prompt_too_long"
 CONTROL_TOKEN = "chatml_control_token_in_text"
-SFT_DROP_REASONS = (EMPTY_FIELD, UNKNOWN_ROLE, NO_FINAL_ASSISTANT, EMPTY_FINAL_ASSISTANT, CONTROL_TOKEN, DUPLICATE)
+SFT_DROP_REASONS = (
+    EMPTY_FIELD,
+    UNKNOWN_ROLE,
+    CONTENT_NOT_TEXT,
+    NON_TEXT_ONLY,
+    NO_FINAL_ASSISTANT,
+    EMPTY_FINAL_ASSISTANT,
+    CONTROL_TOKEN,
+    DUPLICATE,
+)
+# An adapted row may carry the count of non-text content parts it dropped under this key (popped by prep).
+PARTS_KEY = "_non_text_parts"
 DPO_DROP_REASONS = SFT_DROP_REASONS + (PROMPT_MISMATCH, SAME_RESPONSE, PROMPT_TOO_LONG)
 
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
@@ -64,16 +86,25 @@ def normalise(text: str) -> str:
 # ------------------------------------------------------------------ building blocks
 
 
-def _messages(turns) -> list[dict]:
-    """(role, content) pairs -> messages with known roles and stripped content.
+def _messages(turns, parts: list | None = None) -> list[dict]:
+    """(role, content) pairs -> messages with known roles and stripped text content (see text_content);
+    the count of non-text parts dropped is added to `parts[0]`.
 
-    A source's empty system message counts as no system message.
+    A source's empty system message first counts as no system message.
     """
     messages = []
     for role, content in turns:
         if role not in ROLES:
             raise Drop(UNKNOWN_ROLE)
-        content = content.strip() if isinstance(content, str) else ""
+        if content is None and role == "system" and not messages:
+            content = ""  # a source's null system field (orca_dpo_pairs): no system message
+        try:
+            content, dropped = text_content(content)
+        except ContentProblem as problem:
+            raise Drop(problem.reason) from None
+        if parts is not None:
+            parts[0] += dropped
+        content = content.strip()
         if find_control_token(content):
             raise Drop(CONTROL_TOKEN)
         messages.append({"role": role, "content": content})
@@ -99,7 +130,8 @@ def _pairs(items: list, role_key: str, content_key: str, roles: dict | None = No
 
 
 def _with_system(messages: list[dict], system_prompt: str | None) -> list[dict]:
-    if messages[0]["role"] == "system" or not system_prompt:
+    """`system_prompt` first, unless the conversation has a system message of its own (anywhere)."""
+    if any(m["role"] == "system" for m in messages) or not system_prompt:
         return messages
     return [{"role": "system", "content": system_prompt}] + messages
 
@@ -117,28 +149,38 @@ def _split_final(messages: list[dict]) -> tuple[list[dict], str]:
     return messages[:-1], messages[-1]["content"]
 
 
+def _with_parts(row: dict, parts: list) -> dict:
+    if parts[0]:
+        row[PARTS_KEY] = parts[0]
+    return row
+
+
 def conversation(turns, system_prompt: str | None) -> dict:
     """An SFT row: every turn kept, ending on a non-empty assistant turn."""
-    messages = _messages(turns)
+    parts = [0]
+    messages = _messages(turns, parts)
     _split_final(messages)
     _check_filled(messages)
-    return {"messages": _with_system(messages, system_prompt)}
+    return _with_parts({"messages": _with_system(messages, system_prompt)}, parts)
 
 
 def preference(chosen_turns, rejected_turns, system_prompt: str | None) -> dict:
-    """A preference row from two whole dialogues that differ only in the final assistant turn."""
-    prompt, chosen = _split_final(_messages(chosen_turns))
-    rejected_prompt, rejected = _split_final(_messages(rejected_turns))
+    """A preference row from two whole dialogues that differ only in the final assistant turn (the shared
+    prompt's non-text parts are counted once)."""
+    chosen_parts, rejected_parts = [0], [0]
+    prompt, chosen = _split_final(_messages(chosen_turns, chosen_parts))
+    rejected_prompt, rejected = _split_final(_messages(rejected_turns, rejected_parts))
     if prompt != rejected_prompt:
         raise Drop(PROMPT_MISMATCH)
     _check_filled(prompt)
     if normalise(chosen) == normalise(rejected):
         raise Drop(SAME_RESPONSE)
-    return {
+    row = {
         "prompt": _with_system(prompt, system_prompt),
         "chosen": [{"role": "assistant", "content": chosen}],
         "rejected": [{"role": "assistant", "content": rejected}],
     }
+    return _with_parts(row, [max(chosen_parts[0], rejected_parts[0])])
 
 
 def _with_input(instruction, extra) -> str:
@@ -170,6 +212,16 @@ def dolly(row: dict, system_prompt: str | None) -> dict:
 def messages(row: dict, system_prompt: str | None) -> dict:
     """`messages`: [{role, content}] (HuggingFaceH4/ultrachat_200k, local files, oasst threads)."""
     return conversation(_pairs(_list(row, "messages"), "role", "content"), system_prompt)
+
+
+@reads("prompt", "completion")
+def prompt_completion(row: dict, system_prompt: str | None) -> dict:
+    """TRL's prompt-completion form: `prompt` and `completion`, each a string (one user turn, one assistant
+    turn) or a list of messages; the conversation is the prompt followed by the completion."""
+    prompt, completion = as_turns(row.get("prompt"), "user"), as_turns(row.get("completion"), "assistant")
+    if not isinstance(prompt, list) or not prompt or not isinstance(completion, list) or not completion:
+        raise Drop(EMPTY_FIELD)
+    return conversation(_pairs(prompt + completion, "role", "content"), system_prompt)
 
 
 @reads("conversations")
@@ -253,15 +305,19 @@ def orca_dpo(row: dict, system_prompt: str | None) -> dict:
 
 @reads("prompt", "chosen", "rejected")
 def preference_rows(row: dict, system_prompt: str | None) -> dict:
-    """Local files in the output form: prompt (messages or a string), chosen, rejected (messages)."""
-    prompt = row.get("prompt")
-    if isinstance(prompt, str):
-        prompt = [{"role": "user", "content": prompt}]
+    """Local files in the output form or in TRL's standard one: prompt (messages, or a string: one user
+    turn), chosen and rejected (messages, or strings: one assistant turn each). A row without a prompt is
+    TRL's implicit-prompt form, chosen and rejected whole dialogues (as `chosen_rejected_lists`)."""
+    if "prompt" not in row and isinstance(row.get("chosen"), list):
+        return chosen_rejected_lists(row, system_prompt)
+    prompt = as_turns(row.get("prompt"), "user")
     if not isinstance(prompt, list) or not prompt:
         raise Drop(EMPTY_FIELD)
     prompt = list(_pairs(prompt, "role", "content"))
-    return preference(
-        prompt + list(_pairs(_list(row, "chosen"), "role", "content")),
-        prompt + list(_pairs(_list(row, "rejected"), "role", "content")),
-        system_prompt,
-    )
+    answers = {}
+    for key in ("chosen", "rejected"):
+        value = as_turns(row.get(key), "assistant")
+        if not isinstance(value, list) or not value:
+            raise Drop(EMPTY_FIELD)
+        answers[key] = list(_pairs(value, "role", "content"))
+    return preference(prompt + answers["chosen"], prompt + answers["rejected"], system_prompt)

@@ -17,7 +17,18 @@ import re
 from pathlib import Path
 
 from posttrain.conversion.chat_template import find_control_token
-from posttrain.data.messages import DESCRIPTIONS, EMPTY_FINAL_ASSISTANT, UNKNOWN_ROLE, message_problem, reads
+from posttrain.data.messages import (
+    DESCRIPTIONS,
+    EMPTY_FINAL_ASSISTANT,
+    NON_TEXT_PART,
+    UNKNOWN_ROLE,
+    ContentProblem,
+    as_turns,
+    message_problem,
+    reads,
+    text_content,
+    text_messages,
+)
 from posttrain.outputs.errors import PosttrainError
 from posttrain.outputs.flags import looks_local
 
@@ -159,6 +170,41 @@ def load_errors(what: str):
         ) from None
 
 
+def _json_encoded(value, path: list):
+    """`value` with every non-null leaf at `path` (keys, 0 for each list item) as its JSON text."""
+    if value is None:
+        return None
+    if not path:
+        return json.dumps(value, ensure_ascii=False)
+    head, *rest = path
+    if head == 0:
+        return [_json_encoded(v, rest) for v in value] if isinstance(value, list) else value
+    return {**value, head: _json_encoded(value.get(head), rest)} if isinstance(value, dict) else value
+
+
+def _exact_mixed_values(dataset, file: str):
+    """The json builder stores a field whose type differs between rows (a content that is a string in one
+    message and a list of parts in the next) as JSON text, but keeps a string that already parses as JSON
+    unquoted, so "4" reads back as the number 4 and "null" as None. Such a file is read again here, every
+    value of those fields quoted, so each reads back exactly as written. Files of one type per field are
+    left as datasets loads them."""
+    import datasets
+    from datasets.utils.json import get_json_field_paths_from_feature
+
+    paths = get_json_field_paths_from_feature(dataset.features)
+    if not paths:
+        return dataset
+    columns = {name: [] for name in dataset.column_names}
+    for _, row in read_json_rows(file):
+        for name in columns:
+            value = row.get(name)
+            for path in paths:
+                if path[0] == name:
+                    value = _json_encoded(value, path[1:])
+            columns[name].append(value)
+    return datasets.Dataset.from_dict(columns, features=dataset.features)
+
+
 def load_source(path: str, name: str | None = None, split: str | None = None, streaming: bool = False):
     """`datasets.load_dataset` for a hub id, a local file or a data_scripts directory.
 
@@ -173,6 +219,8 @@ def load_source(path: str, name: str | None = None, split: str | None = None, st
     builder, files = local
     with load_errors(f"dataset {path}: cannot be loaded"):  # a schema clash between lines, a corrupt parquet file
         ds = datasets.load_dataset(builder, data_files=files, streaming=streaming)
+        if builder == "json" and not streaming:
+            ds = datasets.DatasetDict({s: _exact_mixed_values(d, files[s]) for s, d in ds.items()})
     if split is None:
         return ds
     if split not in ds:
@@ -193,10 +241,12 @@ def load_datasets(script_args, mixture_args, training_args, validate_rows):
         source = "mixture " + ",".join(d.path for d in mixture_args.datasets)
     else:
         source = script_args.dataset_name
+    checked = {}
     for split, ds in (("train", train), ("eval", evaluation)):
         if isinstance(ds, datasets.Dataset):
-            validate_rows(ds, f"{source} ({split})")
-    return train, evaluation
+            ds = validate_rows(ds, f"{source} ({split})")
+        checked[split] = ds
+    return checked["train"], checked["eval"]
 
 
 def load_train_eval(script_args, mixture_args, want_eval: bool):
@@ -261,12 +311,66 @@ def _refuse_control_tokens(messages: list[dict], where: str) -> None:
             )
 
 
+def _text_turns(value, role: str, where: str) -> list:
+    """A column's value as messages with text content: TRL's string form is one `role` message, content
+    parts are read as text (posttrain.data.messages.text_content); a content that is not text is one line."""
+    turns = as_turns(value, role)
+    try:
+        return text_messages(turns)
+    except ContentProblem as problem:
+        bad = next(m for m in turns if isinstance(m, dict) and _content_problem(m.get("content")))
+        raise PosttrainError(f"{where}: {DESCRIPTIONS[problem.reason]}, got {bad!r}"[:300]) from None
+
+
+def _content_problem(content) -> bool:
+    try:
+        text_content(content)
+    except ContentProblem:
+        return True
+    return False
+
+
+def _as_conversational(dataset, source: str, roles: dict[str, str], merged: str | None = None):
+    """The dataset with each column of `roles` as messages with text content (see _text_turns); with
+    `merged`, those columns joined, in order, into that one column instead. Rebuilt only when a row needed
+    it; the non-text content parts left out are counted in one printed line."""
+    columns = {c: dataset[c] for c in roles}
+    converted, n_parts, changed = {c: [] for c in roles}, 0, merged is not None
+    for c, role in roles.items():
+        for i, value in enumerate(columns[c], 1):
+            turns, parts = _text_turns(value, role, f"dataset {source} row {i} {c}")
+            converted[c].append(turns)
+            n_parts, changed = n_parts + parts, changed or turns != value
+    if not changed:
+        return dataset
+    if n_parts:
+        from accelerate import PartialState
+
+        PartialState().print(
+            f"note: dataset {source}: left out {n_parts} non-text content parts (images, audio, ...) "
+            f"({NON_TEXT_PART}); training reads the text parts"
+        )
+    if merged is not None:
+        converted = {merged: [sum(turns, []) for turns in zip(*converted.values())]}
+    for c, values in converted.items():  # added beside the old columns first: a table never has none
+        dataset = dataset.add_column(f"_text_{c}", values)
+    dataset = dataset.remove_columns(list(roles))
+    return dataset.rename_columns({f"_text_{c}": c for c in converted})
+
+
 @reads("messages")
-def validate_sft_rows(dataset, source: str) -> None:
-    """Every row is a conversation with at least one non-empty assistant turn."""
-    if "messages" not in dataset.column_names:
+def validate_sft_rows(dataset, source: str):
+    """Every row is a conversation with at least one non-empty assistant turn; returns the dataset with
+    text content (content parts joined) and TRL's prompt-completion rows as `messages`."""
+    columns = set(dataset.column_names)
+    if "messages" in columns:
+        dataset = _as_conversational(dataset, source, {"messages": "user"})
+    elif {"prompt", "completion"} <= columns:
+        dataset = _as_conversational(dataset, source, {"prompt": "user", "completion": "assistant"}, "messages")
+    else:
         raise PosttrainError(
-            f"dataset {source}: SFT needs a 'messages' column (has {', '.join(dataset.column_names)})"
+            f"dataset {source}: SFT needs a 'messages' column, or 'prompt' and 'completion' "
+            f"(has {', '.join(dataset.column_names)})"
         )
     for i, messages in enumerate(dataset["messages"], 1):
         where = f"dataset {source} row {i}"
@@ -274,17 +378,21 @@ def validate_sft_rows(dataset, source: str) -> None:
         _refuse_control_tokens(messages, where)
         if not any(m["role"] == "assistant" and m["content"].strip() for m in messages):
             raise PosttrainError(f"{where}: no assistant turn to train on")
+    return dataset
 
 
 @reads("prompt", "chosen", "rejected")
-def validate_preference_rows(dataset, source: str) -> None:
+def validate_preference_rows(dataset, source: str):
     """Every row has prompt messages and one non-empty assistant message each for chosen and rejected,
-    and some pair differs (a pair whose chosen is its rejected carries no preference)."""
+    and some pair differs (a pair whose chosen is its rejected carries no preference); returns the dataset
+    with text content (content parts joined) and TRL's string form as messages (a string prompt is one user
+    turn, a string chosen / rejected one assistant turn)."""
     missing = {"prompt", "chosen", "rejected"} - set(dataset.column_names)
     if missing:
         raise PosttrainError(
             f"dataset {source}: preference data needs columns prompt, chosen, rejected (missing {', '.join(sorted(missing))})"
         )
+    dataset = _as_conversational(dataset, source, {"prompt": "user", "chosen": "assistant", "rejected": "assistant"})
     identical = 0
     for i, row in enumerate(dataset, 1):
         where = f"dataset {source} row {i}"
@@ -301,3 +409,4 @@ def validate_preference_rows(dataset, source: str) -> None:
             f"dataset {source}: in every one of its {identical} pairs chosen is identical to rejected, "
             "so there is no preference to learn"
         )
+    return dataset

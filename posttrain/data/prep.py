@@ -32,6 +32,7 @@ from posttrain.data import adapters
 from posttrain.data.decontaminate import DEFAULT_NGRAM, MIN_NGRAM, Matcher, evaluation_texts
 from posttrain.data.lengths import conversation_fits, count_chat_tokens, prompt_fits
 from posttrain.data.loading import EmptyRowsError, check_json_file, load_errors, load_source
+from posttrain.data.messages import NON_TEXT_PART
 from posttrain.outputs.atomic import atomic_output_dir, check_output_dir
 from posttrain.outputs.errors import PosttrainError, die, run_cli
 from posttrain.outputs.flags import ArgumentParser
@@ -206,7 +207,7 @@ def _load_splits(source: Source, args):
 
 def _adapt_batch(batch: dict, adapter, system_prompt, columns):
     """Batched map: adapt each row; dropped rows keep an empty shell and their reason."""
-    out = {c: [] for c in (*columns, "_drop", "_key")}
+    out = {c: [] for c in (*columns, "_drop", "_key", "_parts")}
     for values in zip(*batch.values()):
         try:
             row, reason = adapter(dict(zip(batch, values)), system_prompt), ""
@@ -215,6 +216,7 @@ def _adapt_batch(batch: dict, adapter, system_prompt, columns):
         for c in columns:
             out[c].append(row[c])
         out["_drop"].append(reason)
+        out["_parts"].append(row.get(adapters.PARTS_KEY, 0))
         normalised = [[m["role"], adapters.normalise(m["content"])] for c in columns for m in row[c]]
         out["_key"].append(hashlib.sha1(json.dumps(normalised).encode()).hexdigest() if not reason else "")
     return out
@@ -227,8 +229,9 @@ def _features(kind: Kind, extra: dict):
     return Features({**{c: List(message) for c in kind.columns}, **extra})
 
 
-def clean(dataset, source: Source, kind: Kind, args, dropped: Counter, seen: set):
-    """Adapted rows without drops or duplicates (of rows seen before, in this or an earlier split)."""
+def clean(dataset, source: Source, kind: Kind, args, dropped: Counter, seen: set, parts: Counter):
+    """Adapted rows without drops or duplicates (of rows seen before, in this or an earlier split); the
+    non-text content parts dropped from the rows kept are counted in `parts`."""
     from datasets import Value
 
     if source.regroup is not None:
@@ -241,11 +244,11 @@ def clean(dataset, source: Source, kind: Kind, args, dropped: Counter, seen: set
         args,
         f"Adapting {args.dataset}",
         remove_columns=dataset.column_names,
-        features=_features(kind, {"_drop": Value("string"), "_key": Value("string")}),
+        features=_features(kind, {"_drop": Value("string"), "_key": Value("string"), "_parts": Value("int64")}),
         fn_kwargs={"adapter": source.adapter, "system_prompt": args.system_prompt, "columns": kind.columns},
     )
     keep = []
-    for i, (reason, key) in enumerate(zip(adapted["_drop"][:], adapted["_key"][:])):
+    for i, (reason, key, n_parts) in enumerate(zip(adapted["_drop"][:], adapted["_key"][:], adapted["_parts"][:])):
         if not reason and key in seen:
             reason = adapters.DUPLICATE
         if reason:
@@ -253,7 +256,8 @@ def clean(dataset, source: Source, kind: Kind, args, dropped: Counter, seen: set
         else:
             seen.add(key)
             keep.append(i)
-    return len(dataset), adapted.select(keep).remove_columns(["_drop", "_key"])
+            parts[NON_TEXT_PART] += n_parts
+    return len(dataset), adapted.select(keep).remove_columns(["_drop", "_key", "_parts"])
 
 
 def _map(dataset, function, args, desc: str, **kwargs):
@@ -427,14 +431,14 @@ def prepare(kind: Kind, sources: dict[str, Source], args) -> dict:
     tokenizer = load_chat_tokenizer(args.tokenizer) if args.tokenizer else None
     raw_train, raw_test = load_splits(source, args)
 
-    dropped, seen = Counter(dict.fromkeys(kind.drop_reasons, 0)), set()
+    dropped, seen, parts = Counter(dict.fromkeys(kind.drop_reasons, 0)), set(), Counter({NON_TEXT_PART: 0})
     if evaluation is not None:  # every file's reason is listed, a zero count too
         dropped.update({evaluation.reason(k): 0 for k in range(len(evaluation.files))})
-    n_source, train = clean(raw_train, source, kind, args, dropped, seen)
+    n_source, train = clean(raw_train, source, kind, args, dropped, seen, parts)
     train = decontaminate(train, evaluation, kind, args, dropped)
     test = None
     if raw_test is not None:
-        n_test_source, test = clean(raw_test, source, kind, args, dropped, seen)
+        n_test_source, test = clean(raw_test, source, kind, args, dropped, seen, parts)
         test = decontaminate(test, evaluation, kind, args, dropped)
         n_source += n_test_source
     train, test, unused = split(train, test, args)
@@ -464,6 +468,8 @@ def prepare(kind: Kind, sources: dict[str, Source], args) -> dict:
             "test": len(test),
         },
         "dropped": dict(dropped),
+        # Not rows: the non-text content parts (images, audio, ...) left out of rows that are kept.
+        "dropped_parts": dict(parts),
     }
     if evaluation is not None:
         meta["decontamination"] = {"ngram": args.decontaminate_ngram, "items": evaluation.items_per_file()}

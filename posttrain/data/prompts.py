@@ -13,29 +13,42 @@ from __future__ import annotations
 from pathlib import Path
 
 from posttrain.data.loading import check_json_file, read_json_rows
+from posttrain.data.messages import ContentProblem, as_turns, text_messages
 from posttrain.outputs.errors import PosttrainError
 
 
 def prompt_of(row: dict, system_prompt: str | None = None) -> dict | None:
     """{messages, reference} for a `messages` row (the messages before its final assistant turn,
-    reference = that turn) or a preference row (`prompt` messages, reference = `chosen`); None when
-    the row has no assistant turn with something before it. The system prompt is added only to a
-    prompt that has none."""
-    if isinstance(row.get("messages"), list):
-        messages = row["messages"]
-        last = max((i for i, m in enumerate(messages) if m.get("role") == "assistant"), default=None)
-        if not last:
+    reference = that turn), a preference row (`prompt`, reference = `chosen`) or a prompt-completion row
+    (reference = `completion`); None when the row has no assistant turn with something before it, or a
+    content that is not text. TRL's string forms are one turn (a string prompt the user's), content parts
+    are read as text (posttrain.data.messages). The system prompt is added only to a prompt that has no
+    system message anywhere."""
+    try:
+        if isinstance(row.get("messages"), list):
+            messages, _ = text_messages(row["messages"])
+            last = max((i for i, m in enumerate(messages) if _role(m) == "assistant"), default=None)
+            if not last:
+                return None
+            prompt, reference = messages[:last], messages[last]["content"]
+        elif isinstance(row.get("prompt"), (list, str)) and row["prompt"]:
+            prompt, _ = text_messages(as_turns(row["prompt"], "user"))
+            answer = row.get("chosen", row.get("completion"))
+            answer, _ = text_messages(as_turns(answer, "assistant"))
+            reference = answer[-1]["content"] if isinstance(answer, list) and answer else None
+        else:
             return None
-        prompt, reference = messages[:last], messages[last]["content"]
-    elif isinstance(row.get("prompt"), list) and row["prompt"]:
-        prompt = row["prompt"]
-        chosen = row.get("chosen")
-        reference = chosen[-1]["content"] if isinstance(chosen, list) and chosen else None
-    else:
+    except (ContentProblem, TypeError, KeyError, AttributeError):
         return None
-    if system_prompt and prompt[0].get("role") != "system":
+    if not all(isinstance(m, dict) and isinstance(m.get("content"), str) for m in prompt):
+        return None
+    if system_prompt and not any(_role(m) == "system" for m in prompt):
         prompt = [{"role": "system", "content": system_prompt}, *prompt]
-    return {"messages": [{"role": m["role"], "content": m["content"]} for m in prompt], "reference": reference}
+    return {"messages": [{"role": m.get("role"), "content": m["content"]} for m in prompt], "reference": reference}
+
+
+def _role(message) -> str | None:
+    return message.get("role") if isinstance(message, dict) else None
 
 
 def prompts_from_rows(rows, system_prompt: str | None, limit: int | None, source: str) -> list[dict]:

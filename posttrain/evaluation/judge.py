@@ -25,6 +25,7 @@ import dataclasses
 import json
 from pathlib import Path
 
+from posttrain.conversion.chat_template import check_template_renders
 from posttrain.evaluation import stats
 from posttrain.evaluation.logits import on_every_process, score_sequences
 from posttrain.outputs.atomic import atomic_write_text
@@ -113,6 +114,7 @@ def check_judge(path, labels, prompts: list[dict], max_new_tokens: int, model_na
         raise PosttrainError(f"judge: cannot load the tokenizer of {path} ({err})".splitlines()[0]) from None
     if not tokenizer.chat_template:
         raise PosttrainError(f"judge: the tokenizer of {path} has no chat template; the judge reads a chat turn")
+    check_template_renders(tokenizer, f"judge: {path}")
     labels = tuple(str(label) for label in labels)
     if len(labels) != 2 or labels[0] == labels[1] or not all(labels):
         raise PosttrainError(f"judge_labels: name two different words, one per reply (got {list(labels)})")

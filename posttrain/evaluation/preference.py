@@ -54,7 +54,7 @@ def load_pairs(path) -> tuple[list[dict], str]:
         )
     try:
         dataset = load_source(str(file), split="train")
-        validate_preference_rows(dataset, str(file))
+        dataset = validate_preference_rows(dataset, str(file))
     except PosttrainError as err:
         raise PosttrainError(f"preference_data: {err}") from None
     return [{k: dataset[i][k] for k in ("prompt", "chosen", "rejected")} for i in range(len(dataset))], str(file)

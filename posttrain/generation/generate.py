@@ -14,7 +14,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from posttrain.conversion.chat_template import ENDOFTEXT, IM_END
+from posttrain.conversion.chat_template import ENDOFTEXT, IM_END, check_template_renders
 from posttrain.data.loading import load_errors
 from posttrain.outputs.errors import PosttrainError
 
@@ -69,9 +69,22 @@ def load_model(model_dir: str | Path, device: str | None = None, dtype: str = "a
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
     if not tokenizer.chat_template:
         raise PosttrainError(f"{model_dir}: the tokenizer has no chat template; convert it with convert-checkpoint")
+    check_template_renders(tokenizer, str(model_dir))
     with load_errors(f"{model_dir}: the model cannot be loaded"):  # a corrupt or truncated weights file, ...
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+        model, info = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, output_loading_info=True)
+    missing = [k for k in info.get("missing_keys", ()) if k not in _tied_keys(model)]
+    if missing:  # transformers would start these from random values, with a warning
+        raise PosttrainError(
+            f"{model_dir}: its weights lack {len(missing)} of the model's tensors (e.g. {sorted(missing)[0]}); "
+            "it is not a model of the architecture its config.json names"
+        )
     return model.to(device).eval(), tokenizer
+
+
+def _tied_keys(model) -> set[str]:
+    """Parameters that share another's tensor (an lm_head tied to the embeddings): saved once, never missing."""
+    tied = getattr(model, "all_tied_weights_keys", None) or getattr(model, "_tied_weights_keys", None) or ()
+    return set(tied.keys() if isinstance(tied, dict) else tied)
 
 
 def _stop_token_ids(tokenizer) -> list[int]:

@@ -59,8 +59,32 @@ def die(message: str, exit_code: int = EXIT_BAD_INPUT, prefix: str = "error") ->
     raise SystemExit(exit_code)
 
 
+def first_line(err: BaseException) -> str:
+    """`Type: first line of the message` of a library error (its cause's when it says nothing of its own)."""
+    text = str(err).strip()
+    cause = err.__cause__ or err.__context__
+    if cause is not None and (not text or "An error occurred while generating the dataset" in text):
+        return first_line(cause)
+    return f"{type(err).__name__}: {text.splitlines()[0] if text else ''}".rstrip(": ")
+
+
+def is_template_error(err: BaseException) -> bool:
+    """A Jinja error: a chat template (always the user's input) that does not parse, is stopped by the
+    sandbox, or raises."""
+    return any(c.__module__.startswith("jinja2") and c.__name__.endswith("Error") for c in type(err).__mro__)
+
+
+def template_error(err: BaseException, what: str) -> BaseException:
+    """One line for a chat template that cannot render; any other error is returned as it is."""
+    if not is_template_error(err):
+        return err
+    return PosttrainError(f"{what}: its chat template cannot render a conversation ({first_line(err)})")
+
+
 def run_cli(main: Callable[[], object]) -> None:
-    """Run a CLI entry point; a PosttrainError becomes one line on stderr and exit 2, Ctrl-C exit 130, SIGTERM 143."""
+    """Run a CLI entry point; a PosttrainError becomes one line on stderr and exit 2, Ctrl-C exit 130, SIGTERM
+    143. A chat template that Jinja cannot render where no check named it first is a line too (the template
+    is input)."""
     with contextlib.suppress(ValueError):  # only the main thread can set a handler
         signal.signal(signal.SIGTERM, raise_terminated)
     try:
@@ -70,6 +94,10 @@ def run_cli(main: Callable[[], object]) -> None:
     except KeyboardInterrupt as err:
         what, code = stop_cause(err)
         die(f"stopped by {what}; no output was written", code, Interrupted.prefix)
+    except Exception as err:
+        if not is_template_error(err):
+            raise
+        die(f"a chat template cannot render a conversation ({first_line(err)})".replace("\n", " "))
 
 
 # ------------------------------------------------------------------ file-system faults as one line

@@ -113,6 +113,12 @@ def read_recipe_yaml(path: str) -> dict:
             data = yaml.safe_load(fh)
     except FileNotFoundError:
         raise PosttrainError(f"recipe {path} not found") from None
+    except IsADirectoryError:
+        raise PosttrainError(f"recipe {path} is a directory; pass a .yaml file") from None
+    except PermissionError:
+        raise PosttrainError(f"recipe {path}: permission denied") from None
+    except UnicodeDecodeError as err:
+        raise PosttrainError(f"recipe {path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
@@ -124,12 +130,62 @@ def read_recipe_yaml(path: str) -> dict:
     return data
 
 
+def _scalar_kinds(hint) -> tuple[str, ...] | None:
+    """The names of the scalar types a field's type hint allows (int, float, str, bool, an enum, a Literal),
+    or None when it allows a list or mapping too (or cannot be told)."""
+    import enum
+    import types
+    import typing
+
+    if hint is None:
+        return None
+    if typing.get_origin(hint) is typing.Literal:
+        return ("one of " + ", ".join(map(repr, typing.get_args(hint))),)
+    args = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+    kinds = []
+    for arg in args:
+        if arg is type(None):
+            continue
+        if typing.get_origin(arg) is typing.Literal:
+            kinds.append("one of " + ", ".join(map(repr, typing.get_args(arg))))
+        elif arg in (int, float, str, bool):
+            kinds.append(arg.__name__)
+        elif isinstance(arg, type) and issubclass(arg, enum.Enum):
+            kinds.append("one of " + ", ".join(repr(m.value) for m in arg))
+        else:
+            return None
+    return tuple(kinds) or None
+
+
+def check_yaml_value_kinds(data: dict, dataclass_types: Sequence[type], path: str) -> None:
+    """A YAML list or mapping given for a key that takes one number, word or flag is one line naming the key
+    (TRL passes such a value through unchecked, and the trainer fails on it with a traceback)."""
+    import dataclasses
+    import typing
+
+    hints = {}
+    for cls in dataclass_types:
+        try:
+            resolved = typing.get_type_hints(cls)
+        except Exception:  # a hint that does not resolve: that class's keys are left to TRL
+            continue
+        for f in dataclasses.fields(cls):
+            hints.setdefault(f.name, resolved.get(f.name))
+    for key, value in data.items():
+        kinds = _scalar_kinds(hints.get(key)) if isinstance(value, (list, dict)) else None
+        if kinds:
+            shape = "list" if isinstance(value, list) else "mapping"
+            raise PosttrainError(f"recipe {path}: {key} takes {' or '.join(kinds)}, not a {shape} ({value!r})"[:300])
+
+
 def _recipe_argv(argv: Sequence[str] | None) -> tuple[list[str], str | None]:
     """argv with a positional `RECIPE.yaml` turned into `--config RECIPE.yaml` (TRL's form), and the recipe's
     path (None when there is no recipe)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and not argv[0].startswith("-") and argv[0].endswith((".yaml", ".yml")):
         argv = ["--config", *argv]
+    elif argv and not argv[0].startswith("-"):  # TRL would ignore it and train on the defaults
+        raise PosttrainError(f"{argv[0]}: the first argument must be a recipe .yaml file (or a --key value flag)")
     if "--config" not in argv:
         return argv, None
     i = argv.index("--config")
@@ -228,7 +284,9 @@ def parse_recipe(
         raise PosttrainError(f"{usage_line(prog)}; {prog} --help lists the keys")
     user_keys = {a[2:].split("=", 1)[0].replace("-", "_") for a in argv if a.startswith("--") and a != "--config"}
     if path:
-        user_keys |= set(read_recipe_yaml(path))  # also the one-line errors TRL's own reading lacks
+        data = read_recipe_yaml(path)  # also the one-line errors TRL's own reading lacks
+        check_yaml_value_kinds(data, dataclass_types, path)
+        user_keys |= set(data)
     where = f"recipe {path} or the command line" if path else "the command line"
     known_keys = [a.dest for a in parser._actions if a.dest != "help"]
 

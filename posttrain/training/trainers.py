@@ -13,6 +13,7 @@ from pathlib import Path
 
 import trl
 
+from posttrain.conversion.chat_template import check_template_renders
 from posttrain.outputs.errors import PosttrainError
 from posttrain.training.recipe import Recipe
 
@@ -180,4 +181,6 @@ def load_training_tokenizer(model_args, training_args, require_generation_marker
         )
     if not template:
         raise PosttrainError(f"model {name}: its tokenizer has no chat template to render the prompts with")
+    if template == tokenizer.chat_template:  # a chat_template_path is installed later, by the trainer
+        check_template_renders(tokenizer, f"model {name}")
     return tokenizer
