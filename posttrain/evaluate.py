@@ -38,12 +38,14 @@ if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
 
 from posttrain.data.adapters import DEFAULT_SYSTEM_PROMPT
 from posttrain.data.prompts import load_prompts
-from posttrain.evaluation import harness, judge, preference, report, stats
+from posttrain.evaluation import harness, judge, overlap, preference, report, stats
 from posttrain.evaluation.logits import batch_size_of
 from posttrain.generation import health
 from posttrain.outputs.atomic import atomic_output_dir, check_output_dir
 from posttrain.outputs.errors import PosttrainError, run_cli
 from posttrain.training.recipe import parse_recipe, save_resolved_recipe
+
+GENERATION_ITEMS = {"stop_rate": "stopped", "truncated_rate": "truncated"}  # per-prompt 0/1 of the health figures
 
 
 @dataclass
@@ -109,6 +111,14 @@ class EvalArguments:
         metadata={
             "help": "Held-out preference pairs (a data_scripts directory's test.jsonl, or a .jsonl of prompt/chosen/"
             "rejected rows): how often each model gives chosen a higher log-probability than rejected."
+        },
+    )
+    training_data: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "The training data of the models (data_scripts directories, their train.jsonl, or .jsonl/.json/"
+            ".parquet files): the report counts, per task read from task_files, the items that also occur in it "
+            "(a 13-word run or the whole item, as data_scripts' --decontaminate)."
         },
     )
     batch_size: str = field(default="8", metadata={"help": "Scoring batch size per process, or 'auto'."})
@@ -222,8 +232,10 @@ def main(args: EvalArguments) -> None:
         else None
     )
     pairs = preference.check_pairs(args.preference_data, dirs) if args.preference_data else {}
+    training = overlap.training_files(args.training_data)
+    overlapping = overlap.task_overlap(task_files, training)  # before any model loads: a bad row fails here
     named = [p for p in (args.prompts, args.judge, args.preference_data) if p]
-    inputs = [*dirs.values(), *task_files.values(), *named]
+    inputs = [*dirs.values(), *task_files.values(), *named, *training]
     check_output_dir(args.output_dir, args.overwrite_output_dir, inputs)
 
     scores, replies, preferences = {}, {}, {}
@@ -238,8 +250,17 @@ def main(args: EvalArguments) -> None:
         return
 
     comparisons = stats.compare_models(scores) + (preference.compare_models(preferences) if pairs else [])
-    generation = {name: health.health_figures(r) for name, r in replies.items() if r is not None}
-    summary = report.build_summary(dirs, scores, generation, comparisons)
+    generated = {name: r for name, r in replies.items() if r is not None}
+    comparisons += stats.compare_item_scores(
+        {
+            name: {rate: {i: float(reply[key]) for i, reply in enumerate(r)} for rate, key in GENERATION_ITEMS.items()}
+            for name, r in generated.items()
+        },
+        report.GENERATION_TASK,
+        report.GENERATION_MODE,
+    )
+    generation = {name: health.health_figures(r) for name, r in generated.items()}
+    summary = report.build_summary(dirs, scores, generation, comparisons, task_files, overlapping)
     summary["judgements"] = judge.judgements(judged, replies)
     if judging:
         summary["judge"] = judge.describe(judging, dirs)
@@ -251,7 +272,8 @@ def main(args: EvalArguments) -> None:
         judge.write_rows(tmp, judged)
         save_resolved_recipe(tmp, args)
     out = Path(args.output_dir)
-    print("\n" + report.scores_table(summary, "acc"))
+    for task in report.task_names(summary):
+        print("\n" + report.scores_table(summary, task))
     if comparisons:
         print("\n" + report.comparisons_table(comparisons))
     if generation:
@@ -260,6 +282,7 @@ def main(args: EvalArguments) -> None:
         print("\n" + report.judgements_table(summary))
     if pairs:
         print("\n" + report.preference_table(summary))
+    print("\nverdicts:\n" + "\n".join(f"- {line}" for line in report.verdicts(summary)).replace("**", ""))
     print(f"\nreport: {out / report.REPORT_NAME}\nchart: {out / report.CHART_NAME}")
     print(f"summary: {out / report.SUMMARY_NAME}")
 
