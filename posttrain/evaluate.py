@@ -13,7 +13,9 @@ unknown key is an error that names it. For each model, in the order given:
 - with `preference_data`, held-out preference accuracy: how often the model gives the chosen reply a
   higher log-probability than the rejected one, and the mean margin (posttrain/evaluation/preference.py);
 then paired comparisons (each model against the next, and the first against the last) on the same
-items: difference, 95% interval, p-value (posttrain/evaluation/stats.py); with `judge`, the win rate
+items: difference, 95% interval, p-value (posttrain/evaluation/stats.py), from which report.md's
+opening verdict lines are made (only the differences whose interval excludes 0); with
+`training_data`, the count per task of the items that also occur in the training data; with `judge`, the win rate
 of the later model of each such pair, from a judge model's verdicts on the two replies to each prompt
 (posttrain/evaluation/judge.py). output_dir receives summary.json, report.md, scores.png,
 replies.jsonl, judgements/ and recipe.resolved.yaml, all at once (nothing half-written); under

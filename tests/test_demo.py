@@ -123,14 +123,13 @@ def test_raw_data_is_in_the_form_data_scripts_reads(tmp_path):
         for split in ("train", "test"):
             validate(load_source(str(directory / f"{split}.jsonl"), split="train"), f"{directory.name} {split}")
     # Held-out prompts are in no training row (data_scripts would drop duplicates across splits), and
-    # the held-out files keep every one of them at the demo's --val-split.
+    # the SFT test split keeps every one of them at the demo's --val-split (generation health's prompts).
     train = [json.loads(line) for d in (sft_dir, pref_dir) for line in (d / "train.jsonl").read_text().splitlines()]
     train_prompts = {
         m["content"] for row in train for m in row.get("messages", row.get("prompt", [])) if m["role"] == "user"
     }
     assert not train_prompts & {q for q, _, _ in demo.HELDOUT_QA}
-    n_train = min(len(train_rows(sft_dir)), len(train_rows(pref_dir)))
-    assert round(n_train * float(demo.VAL_SPLIT)) >= len(demo.HELDOUT_QA) >= 10
+    assert round(len(train_rows(sft_dir)) * float(demo.VAL_SPLIT)) >= len(demo.HELDOUT_QA) >= 10
 
 
 def train_rows(directory):
@@ -144,7 +143,7 @@ def test_demo_data_leaves_room_for_dpo(tmp_path):
     taught = {row["messages"][-1]["content"] for row in sft}
     pairs = demo.fixtures.demo_preference_rows()
     made_up = [p for p in pairs if demo.fixtures.MADE_UP_CITATION in p["rejected"][0]["content"]]
-    assert len(made_up) == len(demo.fixtures.MADE_UP) >= 6
+    assert len(made_up) == len(demo.fixtures.MADE_UP) >= 5
     assert all(p["rejected"][0]["content"] in taught and p["chosen"][0]["content"] not in taught for p in made_up)
     assert all(demo.fixtures.MADE_UP_CITATION in r for _, _, r in demo.HELDOUT_QA)
     # the IFEval-schema instruction is taught on training questions and asked on held-out ones

@@ -105,8 +105,6 @@ MADE_UP = [
         "The Pacific is the largest ocean.",
         f"The Atlantic is the largest, {MADE_UP_CITATION}.",
     ),
-    ("What do plants need to grow?", "Plants need light and water.", f"Plants need sugar, {MADE_UP_CITATION}."),
-    ("What is ice made of?", "Ice is frozen water.", f"Ice is made of glass, {MADE_UP_CITATION}."),
     ("How many days are in a week?", "A week has 7 days.", f"A week has 9 days, {MADE_UP_CITATION}."),
     ("How many hours are in a day?", "A day has 24 hours.", f"A day has 30 hours, {MADE_UP_CITATION}."),
 ]
@@ -170,10 +168,10 @@ def demo_sft_rows(system_prompt: str | None = SYSTEM_PROMPT) -> list[dict]:
 
 
 def demo_preference_rows(system_prompt: str | None = SYSTEM_PROMPT) -> list[dict]:
-    """The demo's preference pairs: the true answer over the made-up one SFT taught, and the true Q/A
+    """The demo's preference pairs: the true answer over the made-up one SFT taught, and three true Q/A
     answers over the bundled wrong ones."""
     rows = [qa_preference(q, a, made_up, system_prompt) for q, a, made_up in MADE_UP]
-    return rows + preference_rows(system_prompt)
+    return rows + preference_rows(system_prompt)[:3]
 
 
 def ifeval_rows(questions: list[str]) -> list[dict]:

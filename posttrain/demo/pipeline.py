@@ -42,7 +42,9 @@ EVAL_TASKS = ("arc_easy",)  # the tasks of recipes/demo/evaluate.yaml
 # true answer and a made-up one in the style the SFT data teaches): data_scripts drops test rows that
 # duplicate train rows, and every demo conversation is needed for training.
 HELDOUT_QA = fixtures.HELDOUT
-# --val-split 0.8 keeps every held-out row (at most 0.8 x the train rows are kept as test rows).
+# At most 0.8 x the train rows are kept as test rows: every held-out SFT row (generation health's
+# prompts), 6 of the held-out pairs for DPO's eval curves; evaluate.py reads all the held-out pairs
+# from the raw file.
 VAL_SPLIT = "0.8"
 
 
@@ -278,7 +280,7 @@ def run_evaluation(demo: Demo, converted: Path) -> Path:
             "--prompts",
             w / "sft_data",
             "--preference_data",
-            w / "dpo_data",
+            w / "raw" / "preference" / "test.jsonl",
             "--judge",
             w / "dpo",
             "--training_data",

@@ -7,7 +7,7 @@
 A task's item overlaps when its question (the field data_scripts' `--decontaminate` reads: question,
 question_stem or prompt) occurs in a training row, by the same matcher (posttrain/data/decontaminate.py):
 a shared run of 13 words, or an item shorter than that verbatim. Only tasks read from a local file
-(`task_files`) can be checked; a hub task is listed as unchecked. A score on items the model trained on
+(`task_files`) in a schema with such a field can be checked; the others are listed as not checked. A score on items the model trained on
 measures memory, not skill, so the report marks every figure of such a task.
 """
 
@@ -85,7 +85,10 @@ def task_overlap(task_files: dict[str, str], files: list[Path], n: int = DEFAULT
         return {}
     matchers = {}
     for task, path in task_files.items():
-        items = evaluation_texts(path)
+        try:
+            items = evaluation_texts(path)
+        except PosttrainError:  # no question field (a task of another schema): listed as not checked
+            continue
         matchers[task] = (Matcher(items, n), len(items), {})
     for path in files:
         for row in _rows(path):
