@@ -121,6 +121,18 @@ def test_verdicts_of_preference_generation_and_judge():
     assert lines[2].endswith("no difference larger than the noise")  # no comparison of base and dpo here
 
 
+def test_no_verdict_when_the_interval_and_the_test_disagree_or_the_interval_sits_on_the_centre():
+    comparisons = [
+        {"task": "arc_easy", "mode": "chat", "metric": "acc", "a": "sft", "b": "dpo", "delta": -0.5,
+         "ci95": [-0.76, -0.12], "p_value": 0.06, "test": "mcnemar_exact", "n": 10},
+    ]  # fmt: skip
+    summary = report.build_summary({"sft": "s", "dpo": "d"}, {"sft": {}, "dpo": {}}, {}, comparisons)
+    summary["judgements"] = [
+        {"a": "sft", "b": "dpo", "win_rate": 0.5, "ci95": [0.5 + 1e-12, 0.5 + 1e-12], "p_value": 0.19, "n": 10}
+    ]
+    assert report.verdicts(summary) == ["**dpo vs sft**: no difference larger than the noise (n = 10 items)"]
+
+
 # ------------------------------------------------------------------ reference rows and overlap
 
 

@@ -162,9 +162,19 @@ def _p(p: float) -> str:
     return "p < 0.001" if p < 0.001 else f"p = {p:.2g}" if p < 0.01 else f"p = {p:.2f}"
 
 
+ALPHA = 0.05
+_TOLERANCE = 1e-9  # a bootstrap interval of identical verdicts sits on 0.5 up to rounding
+
+
 def excludes_zero(interval, centre: float = 0.0) -> bool:
     lo, hi = interval
-    return lo > centre or hi < centre
+    return lo > centre + _TOLERANCE or hi < centre - _TOLERANCE
+
+
+def significant(figures: dict, centre: float = 0.0) -> bool:
+    """A difference the verdicts report: its 95% interval excludes `centre` and its test agrees (p < 0.05);
+    the two can disagree at the margin (a score interval against an exact test)."""
+    return excludes_zero(figures["ci95"], centre) and figures["p_value"] < ALPHA
 
 
 def _mean(values) -> float | None:
@@ -193,18 +203,18 @@ def _comparison_phrase(summary: dict, c: dict) -> str:
 
 def verdicts(summary: dict) -> list[str]:
     """One line per stage (each model against the one before it, then the first against the last): every
-    difference whose 95% interval excludes 0, and every judge win rate whose interval excludes 50%; a stage
-    without one says so."""
+    difference whose 95% interval excludes 0 (and p < 0.05), and every judge win rate whose interval excludes
+    50%; a stage without one says so."""
     names = list(summary["models"])
     lines = []
     for a, b in stats.model_pairs(names):
         found = [
             _comparison_phrase(summary, c)
             for c in summary["comparisons"]
-            if (c["a"], c["b"]) == (a, b) and excludes_zero(c["ci95"])
+            if (c["a"], c["b"]) == (a, b) and significant(c)
         ]
         for j in summary.get("judgements") or []:
-            if (j["a"], j["b"]) == (a, b) and excludes_zero(j["ci95"], 0.5):
+            if (j["a"], j["b"]) == (a, b) and significant(j, 0.5):
                 lo, hi = j["ci95"]
                 found.append(
                     f"judge win rate of {b} {100 * j['win_rate']:.1f}% [{100 * lo:.1f}, {100 * hi:.1f}], "
@@ -219,8 +229,8 @@ def verdicts(summary: dict) -> list[str]:
 
 
 VERDICT_READING = (
-    "Each line lists only the differences whose 95% interval excludes 0 (b − a, paired on the same items; "
-    "judge: win rates whose interval excludes 50%). With many comparisons, about one in twenty such intervals "
+    "Each line lists only the differences whose 95% interval excludes 0 and whose test gives p < 0.05 (b − a, "
+    "paired on the same items; judge: win rates whose interval excludes 50%). With many comparisons, about one in twenty such intervals "
     "misses by chance, so trust a line more when several metrics agree."
 )
 
