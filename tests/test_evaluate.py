@@ -206,7 +206,7 @@ def test_sign_flip_for_graded_scores():
 def test_compare_models_pairs_in_order():
     def task_score(values):
         return evaluation.TaskScore(
-            n=len(values), acc=sum(values) / len(values), items={"acc": dict(enumerate(values))}
+            n=len(values), metrics={"acc": sum(values) / len(values)}, items={"acc": dict(enumerate(values))}
         )
 
     scores = {
