@@ -16,7 +16,7 @@ from posttrain.outputs.errors import PosttrainError
 def task_score(values: list[float], metric: str = "acc") -> TaskScore:
     n = len(values)
     mean = sum(values) / n
-    return TaskScore(n=n, acc=mean, acc_stderr=0.0, items={metric: dict(enumerate(values))})
+    return TaskScore(n=n, metrics={"acc": mean, "acc_stderr": 0.0}, items={metric: dict(enumerate(values))})
 
 
 def summary_of(scores: dict[str, list[float]], task="arc_easy", comparisons=None, **kwargs) -> dict:
@@ -191,8 +191,16 @@ def test_training_data_that_is_missing_is_one_line(tmp_path):
 def test_chart_plots_every_reported_metric_with_n(tmp_path):
     by_model = {
         name: {
-            "plain": {"arc_easy": TaskScore(n=4, acc=a, acc_norm=a, items={"acc": {0: a}, "acc_norm": {0: a}})},
-            "chat": {"arc_easy": TaskScore(n=4, acc=a, acc_norm=a, items={"acc": {0: a}, "acc_norm": {0: a}})},
+            "plain": {
+                "arc_easy": TaskScore(
+                    n=4, metrics={"acc": a, "acc_norm": a}, items={"acc": {0: a}, "acc_norm": {0: a}}
+                )
+            },
+            "chat": {
+                "arc_easy": TaskScore(
+                    n=4, metrics={"acc": a, "acc_norm": a}, items={"acc": {0: a}, "acc_norm": {0: a}}
+                )
+            },
         }
         for name, a in (("base", 0.25), ("sft", 0.75))
     }

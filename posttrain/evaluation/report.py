@@ -89,7 +89,8 @@ def metrics_of(cell: dict) -> list[str]:
         if isinstance(v, (int, float))
         and not isinstance(v, bool)
         and k not in _NOT_METRICS
-        and not k.endswith(("_stderr", "_ci95"))
+        and "_stderr" not in k  # acc_stderr, exact_match_stderr,strict-match
+        and not k.endswith("_ci95")
     ]
 
 
