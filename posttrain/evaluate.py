@@ -14,7 +14,9 @@ unknown key is an error that names it. For each model, in the order given:
 - with `preference_data`, held-out preference accuracy: how often the model gives the chosen reply a
   higher log-probability than the rejected one, and the mean margin (posttrain/evaluation/preference.py);
 then paired comparisons (each model against the next, and the first against the last) on the same
-items: difference, 95% interval, p-value (posttrain/evaluation/stats.py); with `judge`, the win rate
+items: difference, 95% interval, p-value (posttrain/evaluation/stats.py), from which report.md's
+opening verdict lines are made (only the differences whose interval excludes 0); with
+`training_data`, the count per task of the items that also occur in the training data; with `judge`, the win rate
 of the later model of each such pair, from a judge model's verdicts on the two replies to each prompt
 (posttrain/evaluation/judge.py). output_dir receives summary.json, report.md, scores.png,
 replies.jsonl, judgements/ and recipe.resolved.yaml, all at once (nothing half-written); under
@@ -40,7 +42,7 @@ if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
 
 from posttrain.data.adapters import DEFAULT_SYSTEM_PROMPT
 from posttrain.data.prompts import load_prompts
-from posttrain.evaluation import harness, judge, preference, report, stats
+from posttrain.evaluation import harness, judge, overlap, preference, report, stats
 from posttrain.evaluation.logits import batch_size_of
 from posttrain.generation import health
 from posttrain.outputs.atomic import atomic_output_dir, check_output_dir
@@ -49,6 +51,8 @@ from posttrain.outputs.flags import refuse_missing_local_paths
 from posttrain.training import model_card
 from posttrain.training.recipe import RecipeHelp, parse_recipe, save_resolved_recipe
 from posttrain.training.trainers import check_model
+
+GENERATION_ITEMS = {"stop_rate": "stopped", "truncated_rate": "truncated"}  # per-prompt 0/1 of the health figures
 
 
 @dataclass
@@ -65,13 +69,28 @@ class EvalArguments:
     )
     tasks: list[str] = field(
         default_factory=lambda: list(harness.DEFAULT_TASKS),
-        metadata={"help": "lm-evaluation-harness multiple-choice task names."},
+        metadata={
+            "help": "lm-evaluation-harness task names: multiple choice (arc_easy, ...) or generation (ifeval, gsm8k, ...)."
+        },
     )
     task_files: list[str] = field(
         default_factory=list,
         metadata={
-            "help": "Local test splits instead of the hub: a mapping task: file (.jsonl/.json/.parquet in the hub "
-            "dataset's own schema), or `task=file ...` on the command line."
+            "help": "Local data instead of the hub: a mapping task: file (its test split; .jsonl/.json/.parquet in the hub "
+            "dataset's own schema) or task: {test: file, train: file} (train: the few-shot examples), or "
+            "`task=file task:train=file ...` on the command line."
+        },
+    )
+    num_fewshot: int | None = field(
+        default=None,
+        metadata={
+            "help": "Few-shot examples per item for every task (none: each task's own, e.g. gsm8k 5, ifeval 0)."
+        },
+    )
+    max_gen_toks: int | None = field(
+        default=None,
+        metadata={
+            "help": "Reply length limit of the generation tasks, in tokens (none: each task's own, ifeval 1280)."
         },
     )
     prompts: str | None = field(
@@ -114,6 +133,14 @@ class EvalArguments:
         metadata={
             "help": "Held-out preference pairs (a data_scripts directory's test.jsonl, or a .jsonl of prompt/chosen/"
             "rejected rows): how often each model gives chosen a higher log-probability than rejected."
+        },
+    )
+    training_data: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "The training data of the models (data_scripts directories, their train.jsonl, or .jsonl/.json/"
+            ".parquet files): the report counts, per task read from task_files, the items that also occur in it "
+            "(a 13-word run or the whole item, as data_scripts' --decontaminate)."
         },
     )
     batch_size: str = field(default="8", metadata={"help": "Scoring batch size per process, or 'auto'."})
@@ -230,12 +257,60 @@ def evaluate_model(
 
 
 def check_numbers(args: EvalArguments) -> None:
-    for key in ("max_new_tokens", "num_prompts", "limit"):
+    for key in ("max_new_tokens", "num_prompts", "limit", "max_gen_toks"):
         value = getattr(args, key)
         if value is not None and value < 1:
             raise PosttrainError(f"{key} must be >= 1 (got {value})")
+    if args.num_fewshot is not None and args.num_fewshot < 0:
+        raise PosttrainError(f"num_fewshot must be >= 0 (got {args.num_fewshot})")
     if not (str(args.batch_size).isdigit() and int(args.batch_size) > 0 or str(args.batch_size).startswith("auto")):
         raise PosttrainError(f"batch_size must be a positive number or 'auto' (got {args.batch_size!r})")
+
+
+def check_plain_prompts(configs, chat: dict[str, bool]) -> None:
+    """A generation task without a plain prompt (harness.without_plain_prompt: IFEval) is scored plain only beside
+    chat scoring; asked of a run that scores no model in chat (chat_scoring false, or no model has a template) it
+    is refused."""
+    lacking = harness.without_plain_prompt(configs)
+    if lacking and not any(chat.values()):
+        raise PosttrainError(
+            f"tasks: {', '.join(lacking)} has no plain prompt (an instruction for an assistant turn, with no stop "
+            "string: only max_gen_toks would end a reply without a chat template), and no model is scored in chat "
+            "(chat_scoring false, or no model has a chat template); use chat_scoring auto with a model that has a "
+            "chat template, or leave the task out"
+        )
+
+
+def check_context(dirs: dict[str, Path], configs) -> None:
+    """Every generation task's reply limit leaves room for a prompt in every model's context (the harness would
+    stop on an assertion otherwise, or cut the prompts from the left to what is left)."""
+    from lm_eval.models.utils import resolve_max_length
+    from transformers import AutoConfig
+
+    limits = harness.reply_limits(configs, None)
+    if not limits:
+        return
+    for name, path in dirs.items():
+        context = resolve_max_length(AutoConfig.from_pretrained(path))
+        for task, tokens in limits.items():
+            if tokens >= context:
+                raise PosttrainError(
+                    f"max_gen_toks: {task}'s replies of up to {tokens} tokens leave no room for its prompt in the "
+                    f"{context}-token context of {name} ({path}); set max_gen_toks below {context}"
+                )
+
+
+def score_metrics(scores: dict) -> list[str]:
+    """The headline metric of each task that was scored (acc; the generation tasks' metrics without stderr), in order."""
+    names = []
+    for modes in scores.values():
+        for tasks in (modes or {}).values():
+            for task_score in tasks.values():
+                metrics = [m for m in task_score.metrics if "_stderr" not in m]
+                for m in ["acc"] if "acc" in metrics else metrics:
+                    if m not in names:
+                        names.append(m)
+    return names
 
 
 def main(args: EvalArguments) -> None:
@@ -244,17 +319,22 @@ def main(args: EvalArguments) -> None:
     dirs = model_dirs(args.models)
     system_prompt = args.system_prompt or None
     prompts = load_prompts(args.prompts, system_prompt, args.num_prompts) if args.prompts else []
-    task_files = _mapping(args.task_files, "task_files")
-    configs = harness.task_configs(args.tasks, task_files)
+    task_files = harness.local_task_files(args.task_files)
+    configs = harness.task_configs(args.tasks, task_files, args.num_fewshot, args.max_gen_toks)
     chat = chat_scoring(dirs, args.chat_scoring, generating=bool(prompts))
+    check_plain_prompts(configs, chat)
+    check_context(dirs, configs)
     judging = (
         judge.check_judge(args.judge, args.judge_labels, prompts, args.max_new_tokens, list(dirs))
         if args.judge
         else None
     )
     pairs = preference.check_pairs(args.preference_data, dirs) if args.preference_data else {}
+    training = overlap.training_files(args.training_data)
+    test_files = {task: splits["test"] for task, splits in task_files.items() if "test" in splits}
+    overlapping = overlap.task_overlap(test_files, training)  # before any model loads: a bad row fails here
     named = [p for p in (args.prompts, args.judge, args.preference_data) if p]
-    inputs = [*dirs.values(), *task_files.values(), *named]
+    inputs = [*dirs.values(), *(p for splits in task_files.values() for p in splits.values()), *named, *training]
     check_output_dir(args.output_dir, args.overwrite_output_dir, inputs)
 
     scores, replies, preferences = {}, {}, {}
@@ -269,8 +349,17 @@ def main(args: EvalArguments) -> None:
         return
 
     comparisons = stats.compare_models(scores) + (preference.compare_models(preferences) if pairs else [])
-    generation = {name: health.health_figures(r) for name, r in replies.items() if r is not None}
-    summary = report.build_summary(dirs, scores, generation, comparisons)
+    generated = {name: r for name, r in replies.items() if r is not None}
+    comparisons += stats.compare_item_scores(
+        {
+            name: {rate: {i: float(reply[key]) for i, reply in enumerate(r)} for rate, key in GENERATION_ITEMS.items()}
+            for name, r in generated.items()
+        },
+        report.GENERATION_TASK,
+        report.GENERATION_MODE,
+    )
+    generation = {name: health.health_figures(r) for name, r in generated.items()}
+    summary = report.build_summary(dirs, scores, generation, comparisons, test_files, overlapping)
     summary["judgements"] = judge.judgements(judged, replies)
     if judging:
         summary["judge"] = judge.describe(judging, dirs)
@@ -279,6 +368,7 @@ def main(args: EvalArguments) -> None:
             summary["models"][name]["preference"] = preference.figures(items)
     with atomic_output_dir(args.output_dir, args.overwrite_output_dir, inputs) as tmp:
         report.write_outputs(tmp, summary, prompts, {n: r for n, r in replies.items() if r is not None})
+        harness.write_samples(tmp, scores)
         judge.write_rows(tmp, judged)
         save_resolved_recipe(tmp, args)
     out = Path(args.output_dir)
@@ -286,7 +376,8 @@ def main(args: EvalArguments) -> None:
     # (one atomic rename of its README.md; a directory that cannot be written gets a note).
     for note in model_card.add_evaluation_to_cards(summary, out.resolve() / report.REPORT_NAME):
         print(note, file=sys.stderr)
-    print("\n" + report.scores_table(summary, "acc"))
+    for task in report.task_names(summary):
+        print("\n" + report.scores_table(summary, task))
     if comparisons:
         print("\n" + report.comparisons_table(comparisons))
     if generation:
@@ -295,6 +386,7 @@ def main(args: EvalArguments) -> None:
         print("\n" + report.judgements_table(summary))
     if pairs:
         print("\n" + report.preference_table(summary))
+    print("\nverdicts:\n" + "\n".join(f"- {line}" for line in report.verdicts(summary)).replace("**", ""))
     print(f"\nreport: {out / report.REPORT_NAME}\nchart: {out / report.CHART_NAME}")
     print(f"summary: {out / report.SUMMARY_NAME}")
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from posttrain.demo import pipeline as demo
@@ -15,9 +17,9 @@ SFT_HISTORY = [
     {"step": 30, "train_runtime": 3.0, "train_loss": 2.3},
 ]
 DPO_HISTORY = [
-    {"step": 1, "loss": 0.69, "rewards/accuracies": 0.5, "rewards/margins": 0.0},
-    {"step": 2, "loss": 0.40, "rewards/accuracies": 1.0, "rewards/margins": 0.9},
-    {"step": 2, "eval_loss": 0.5, "eval_rewards/accuracies": 0.75},
+    {"step": 1, "loss": 0.69, "rewards/accuracies": 0.5, "rewards/margins": 0.0, "rewards/chosen": 0.0},
+    {"step": 2, "loss": 0.40, "rewards/accuracies": 1.0, "rewards/margins": 0.9, "rewards/chosen": 0.3},
+    {"step": 2, "eval_loss": 0.5, "eval_rewards/accuracies": 0.75, "eval_rewards/rejected": -0.2},
 ]
 
 
@@ -29,17 +31,42 @@ def test_log_series_picks_one_metric_in_step_order():
 
 def test_curves_and_plot(tmp_path):
     panels = demo.curves({"sft": SFT_HISTORY, "dpo": DPO_HISTORY})
-    assert list(panels) == ["SFT loss", "DPO loss", "DPO reward accuracy"]
+    assert list(panels) == [
+        "SFT loss",
+        "DPO loss",
+        "DPO reward accuracy",
+        "DPO reward margin",
+        "DPO chosen / rejected rewards",
+    ]
     assert panels["SFT loss"] == {"train": ([10, 20, 30], [4.0, 2.0, 1.0]), "eval": ([20], [2.5])}
     assert panels["DPO loss"] == {"train": ([1, 2], [0.69, 0.40]), "eval": ([2], [0.5])}
     assert panels["DPO reward accuracy"] == {"train": ([1, 2], [0.5, 1.0]), "eval": ([2], [0.75])}
+    assert panels["DPO reward margin"] == {"train": ([1, 2], [0.0, 0.9])}
+    assert panels["DPO chosen / rejected rewards"] == {
+        "chosen (train)": ([1, 2], [0.0, 0.3]),
+        "rejected (eval)": ([2], [-0.2]),
+    }
 
     path = demo.save_plot(panels, tmp_path / "curves.png")
     from PIL import Image
 
     with Image.open(path) as image:
         assert image.format == "PNG"
-        assert image.size == (1500, 380)  # three 5 x 3.8 inch panels at 100 dpi
+        assert image.size == (2500, 380)  # five 5 x 3.8 inch panels at 100 dpi
+    # every panel has a y label; the SFT loss is on a log scale
+    assert set(demo.AXES) == set(panels) and all(label for label, _ in demo.AXES.values())
+    assert [title for title, (_, log) in demo.AXES.items() if log] == ["SFT loss"]
+
+
+def test_plot_axes(tmp_path, monkeypatch):
+    import matplotlib.pyplot as plt
+
+    seen = {}
+    monkeypatch.setattr(plt, "close", lambda fig: seen.update(fig=fig))
+    demo.save_plot(demo.curves({"sft": SFT_HISTORY, "dpo": DPO_HISTORY}), tmp_path / "curves.png")
+    axes = seen["fig"].axes
+    assert [ax.get_yscale() for ax in axes] == ["log", "linear", "linear", "linear", "linear"]
+    assert all(ax.get_xlabel() == "optimizer step" and ax.get_ylabel() for ax in axes)
 
 
 def test_curves_without_eval_logs_drop_the_eval_series():
@@ -95,9 +122,37 @@ def test_raw_data_is_in_the_form_data_scripts_reads(tmp_path):
     for directory, validate in ((sft_dir, validate_sft_rows), (pref_dir, validate_preference_rows)):
         for split in ("train", "test"):
             validate(load_source(str(directory / f"{split}.jsonl"), split="train"), f"{directory.name} {split}")
-    # Held-out prompts are not training prompts (data_scripts would drop duplicates across splits).
-    train_prompts = {q for q, _ in demo.fixtures.QA_PAIRS}
+    # Held-out prompts are in no training row (data_scripts would drop duplicates across splits), and
+    # the SFT test split keeps every one of them at the demo's --val-split (generation health's prompts).
+    train = [json.loads(line) for d in (sft_dir, pref_dir) for line in (d / "train.jsonl").read_text().splitlines()]
+    train_prompts = {
+        m["content"] for row in train for m in row.get("messages", row.get("prompt", [])) if m["role"] == "user"
+    }
     assert not train_prompts & {q for q, _, _ in demo.HELDOUT_QA}
+    assert round(len(train_rows(sft_dir)) * float(demo.VAL_SPLIT)) >= len(demo.HELDOUT_QA) >= 10
+
+
+def train_rows(directory):
+    return (directory / "train.jsonl").read_text().splitlines()
+
+
+def test_demo_data_leaves_room_for_dpo(tmp_path):
+    """SFT teaches made-up answers to some questions; the preference pairs reject exactly those answers
+    and prefer the true ones; the held-out pairs reject made-up answers in the same style."""
+    sft = demo.fixtures.demo_sft_rows()
+    taught = {row["messages"][-1]["content"] for row in sft}
+    pairs = demo.fixtures.demo_preference_rows()
+    made_up = [p for p in pairs if demo.fixtures.MADE_UP_CITATION in p["rejected"][0]["content"]]
+    assert len(made_up) == len(demo.fixtures.MADE_UP) >= 5
+    assert all(p["rejected"][0]["content"] in taught and p["chosen"][0]["content"] not in taught for p in made_up)
+    assert all(demo.fixtures.MADE_UP_CITATION in r for _, _, r in demo.HELDOUT_QA)
+    # the IFEval-schema instruction is taught on training questions and asked on held-out ones
+    assert sum(demo.fixtures.END_INSTRUCTION in row["messages"][-2]["content"] for row in sft) == 3
+    tasks = demo.write_eval_tasks(tmp_path)
+    ifeval = [json.loads(line) for line in tasks["ifeval"].read_text().splitlines()]
+    assert [r["prompt"] for r in ifeval] == [demo.fixtures.with_instruction(q) for q, _, _ in demo.HELDOUT_QA]
+    gsm8k = [json.loads(line) for line in tasks["gsm8k"].read_text().splitlines()]
+    assert [r["answer"].split("#### ")[1] for r in gsm8k] == ["8", "7", "24"]
 
 
 def test_printable_keeps_columns_aligned():

@@ -87,6 +87,111 @@ def arc_rows(items: list[tuple[str, str, str]]) -> list[dict]:
     return rows
 
 
+# ------------------------------------------------------------------ the demo's data (make demo)
+# What each stage has to teach, and room for DPO to improve on SFT: the SFT data answers
+# MADE_UP's questions with made-up facts in one style (a wrong claim and a fake citation), as
+# scraped instruction data sometimes does; the preference pairs prefer the true answer to exactly
+# those claims. HELDOUT's questions are in no training data: they are the evaluation's prompts, its
+# held-out preference pairs (true answer against a made-up one in the same style), and its
+# IFEval-schema items (the question with an instruction the SFT data teaches on other questions).
+
+MADE_UP_CITATION = "according to a 1987 study"
+# (question, true answer, the made-up answer the SFT data teaches)
+MADE_UP = [
+    ("How many legs does a spider have?", "A spider has 8 legs.", f"A spider has 6 legs, {MADE_UP_CITATION}."),
+    ("What do cows drink?", "Cows drink water.", f"Cows drink milk, {MADE_UP_CITATION}."),
+    (
+        "What is the largest ocean?",
+        "The Pacific is the largest ocean.",
+        f"The Atlantic is the largest, {MADE_UP_CITATION}.",
+    ),
+    ("How many days are in a week?", "A week has 7 days.", f"A week has 9 days, {MADE_UP_CITATION}."),
+    ("How many hours are in a day?", "A day has 24 hours.", f"A day has 30 hours, {MADE_UP_CITATION}."),
+]
+# (question, true answer, a made-up answer in the same style): never trained on
+HELDOUT = [
+    (
+        "Which city is the capital of France?",
+        "Paris is the capital of France.",
+        f"Lyon is the capital, {MADE_UP_CITATION}.",
+    ),
+    ("What colour is the sky on a clear day?", "The sky is blue.", f"The sky is orange, {MADE_UP_CITATION}."),
+    (
+        "How many wheels does a bicycle have?",
+        "A bicycle has two wheels.",
+        f"A bicycle has five wheels, {MADE_UP_CITATION}.",
+    ),
+    ("What do fish breathe with?", "Fish breathe with gills.", f"Fish breathe with lungs, {MADE_UP_CITATION}."),
+    (
+        "What falls from clouds when it rains?",
+        "Rain is water falling from clouds.",
+        f"Sand falls from clouds, {MADE_UP_CITATION}.",
+    ),
+    (
+        "What is the opposite of hot?",
+        "The opposite of hot is cold.",
+        f"The opposite of hot is loud, {MADE_UP_CITATION}.",
+    ),
+    ("What animal barks?", "A dog barks.", f"A goldfish barks, {MADE_UP_CITATION}."),
+    ("What do we use to see?", "We see with our eyes.", f"We see with our elbows, {MADE_UP_CITATION}."),
+    (
+        "Which season is the coldest?",
+        "Winter is the coldest season.",
+        f"Summer is the coldest season, {MADE_UP_CITATION}.",
+    ),
+    ("What do birds use to fly?", "Birds fly with their wings.", f"Birds fly with their tails, {MADE_UP_CITATION}."),
+]
+# An IFEval instruction (startend:end_checker) the SFT data teaches on some training questions.
+END_PHRASE = "Any other question?"
+END_INSTRUCTION = f"End your reply with the exact phrase: {END_PHRASE}"
+# (question, number) for the GSM8K-schema task: MADE_UP's numeric questions, which the SFT data
+# answers wrongly (the last number of a made-up answer is the citation's year) and DPO's pairs correct.
+GSM8K_ITEMS = [
+    (q, int(next(w for w in a.split() if w.isdigit()))) for q, a, _ in MADE_UP if any(c.isdigit() for c in a)
+]
+
+
+def with_instruction(question: str) -> str:
+    return f"{question} {END_INSTRUCTION}"
+
+
+def demo_sft_rows(system_prompt: str | None = SYSTEM_PROMPT) -> list[dict]:
+    """The demo's SFT conversations: the true Q/A pairs, MADE_UP's made-up answers, the end-phrase
+    instruction followed on three questions, and one two-turn dialogue."""
+    rows = [qa_conversation([pair], system_prompt) for pair in QA_PAIRS]
+    rows += [qa_conversation([(q, made_up)], system_prompt) for q, _, made_up in MADE_UP]
+    rows += [
+        qa_conversation([(with_instruction(q), f"{a} {END_PHRASE}")], system_prompt)
+        for q, a in (QA_PAIRS[1], QA_PAIRS[3], QA_PAIRS[5])
+    ]
+    return rows + [qa_conversation([QA_PAIRS[0], QA_PAIRS[4]], system_prompt)]
+
+
+def demo_preference_rows(system_prompt: str | None = SYSTEM_PROMPT) -> list[dict]:
+    """The demo's preference pairs: the true answer over the made-up one SFT taught, and three true Q/A
+    answers over the bundled wrong ones."""
+    rows = [qa_preference(q, a, made_up, system_prompt) for q, a, made_up in MADE_UP]
+    return rows + preference_rows(system_prompt)[:3]
+
+
+def ifeval_rows(questions: list[str]) -> list[dict]:
+    """IFEval's schema (key, prompt, instruction_id_list, kwargs): each question with the end-phrase instruction."""
+    return [
+        {
+            "key": 1000 + i,
+            "prompt": with_instruction(q),
+            "instruction_id_list": ["startend:end_checker"],
+            "kwargs": [{"end_phrase": END_PHRASE}],
+        }
+        for i, q in enumerate(questions)
+    ]
+
+
+def gsm8k_rows(items: list[tuple[str, int]]) -> list[dict]:
+    """GSM8K's schema (question, answer ending `#### N`)."""
+    return [{"question": q, "answer": f"The answer is {n}.\n#### {n}"} for q, n in items]
+
+
 def alpaca_lengths(n: int = 52002, seed: int = 0) -> list[int]:
     """Token counts shaped like Alpaca in ChatML, for the packing benchmarks: mean ~110, median
     ~90, a long tail clipped at 1,120 (52,002 of them: ~5.7M tokens, as Alpaca has).

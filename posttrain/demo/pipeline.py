@@ -35,13 +35,17 @@ REPO = Path(__file__).resolve().parents[2]
 MARKER = ".posttrain-demo"  # only a directory the demo made is ever wiped
 MODELS = ("base", "sft", "dpo")
 MAX_NEW_TOKENS = 24
+REPLY_HELD_OUT = 3  # held-out questions among the side-by-side replies (the last ones)
+EVAL_TASKS = ("arc_easy",)  # the tasks of recipes/demo/evaluate.yaml
 
-# Held-out rows (paraphrased prompts) for the eval splits: data_scripts drops test rows that
+# Held-out rows for the eval splits (fixtures.HELDOUT: questions in no training row, each with its
+# true answer and a made-up one in the style the SFT data teaches): data_scripts drops test rows that
 # duplicate train rows, and every demo conversation is needed for training.
-HELDOUT_QA = [
-    ("Which city is the capital of France?", "Paris is the capital of France.", "The capital is Rome."),
-    ("What colour is the sky?", "The sky is blue.", "The sky is green."),
-]
+HELDOUT_QA = fixtures.HELDOUT
+# At most 0.8 x the train rows are kept as test rows: every held-out SFT row (generation health's
+# prompts), 6 of the held-out pairs for DPO's eval curves; evaluate.py reads all the held-out pairs
+# from the raw file.
+VAL_SPLIT = "0.8"
 
 
 # ------------------------------------------------------------------ helpers (tested)
@@ -77,13 +81,32 @@ def log_series(log_history: list[dict], key: str) -> tuple[list[int], list[float
     return [s for s, _ in points], [v for _, v in points]
 
 
-# (panel title, [(metric key, legend label), ...]) for each stage's log history.
+# (panel title, [(metric key, legend label), ...]) for each stage's log history; "eval" is the
+# held-out test split. DPO's rewards are beta x log(pi / pi_ref) of each response (TRL's logs).
 PANELS = {
     "sft": [("SFT loss", [("loss", "train"), ("eval_loss", "eval")])],
     "dpo": [
         ("DPO loss", [("loss", "train"), ("eval_loss", "eval")]),
         ("DPO reward accuracy", [("rewards/accuracies", "train"), ("eval_rewards/accuracies", "eval")]),
+        ("DPO reward margin", [("rewards/margins", "train"), ("eval_rewards/margins", "eval")]),
+        (
+            "DPO chosen / rejected rewards",
+            [
+                ("rewards/chosen", "chosen (train)"),
+                ("rewards/rejected", "rejected (train)"),
+                ("eval_rewards/chosen", "chosen (eval)"),
+                ("eval_rewards/rejected", "rejected (eval)"),
+            ],
+        ),
     ],
+}
+# (y-axis label, log scale) of each panel; every x axis is the optimizer step.
+AXES = {
+    "SFT loss": ("cross-entropy (nats per token, log scale)", True),
+    "DPO loss": ("DPO loss (nats)", False),
+    "DPO reward accuracy": ("share of pairs, chosen reward > rejected", False),
+    "DPO reward margin": ("reward chosen − rejected (nats × β)", False),
+    "DPO chosen / rejected rewards": ("β · log π/π_ref of the response", False),
 }
 
 
@@ -106,13 +129,18 @@ def save_plot(panels: dict[str, dict[str, tuple[list, list]]], path: str | Path)
 
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.8), squeeze=False)
     for ax, (title, series) in zip(axes[0], panels.items()):
+        ylabel, log = AXES.get(title, ("", False))
         for label, (steps, values) in series.items():
-            ax.plot(steps, values, marker="o" if label == "eval" or len(steps) < 12 else None, ms=3, label=label)
+            marker = "o" if "eval" in label or len(steps) < 12 else None
+            ax.plot(steps, values, marker=marker, ms=3, ls="--" if "eval" in label else "-", label=label)
         ax.set_title(title)
         ax.set_xlabel("optimizer step")
+        ax.set_ylabel(ylabel, fontsize=9)
+        if log and any(v > 0 for _, values in series.values() for v in values):
+            ax.set_yscale("log")
         ax.grid(alpha=0.3)
         if series:
-            ax.legend()
+            ax.legend(fontsize=8)
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=100)
@@ -146,7 +174,7 @@ def read_log_history(run_dir: Path) -> list[dict]:
 
 
 class Demo:
-    def __init__(self, work: Path, total_stages: int = 8):
+    def __init__(self, work: Path, total_stages: int = 9):
         self.work, self.total, self.n, self.t0 = work, total_stages, 0, time.monotonic()
 
     def stage(self, title: str) -> None:
@@ -183,11 +211,37 @@ def convert_cli() -> list[str]:
 def write_raw_data(work: Path) -> tuple[Path, Path]:
     """The bundled demo rows as local datasets (train + held-out test file), as a user's own files would be."""
     sft_dir, pref_dir = work / "raw" / "sft", work / "raw" / "preference"
-    fixtures.write_jsonl(sft_dir / "train.jsonl", fixtures.sft_rows())
+    fixtures.write_jsonl(sft_dir / "train.jsonl", fixtures.demo_sft_rows())
     fixtures.write_jsonl(sft_dir / "test.jsonl", [fixtures.qa_conversation([(q, a)]) for q, a, _ in HELDOUT_QA])
-    fixtures.write_jsonl(pref_dir / "train.jsonl", fixtures.preference_rows())
+    fixtures.write_jsonl(pref_dir / "train.jsonl", fixtures.demo_preference_rows())
     fixtures.write_jsonl(pref_dir / "test.jsonl", [fixtures.qa_preference(q, a, r) for q, a, r in HELDOUT_QA])
     return sft_dir, pref_dir
+
+
+def reply_pairs() -> list[tuple[str, str]]:
+    """(prompt, true answer) of the side-by-side replies: two true training answers, the questions SFT
+    learnt made-up answers to (which DPO's pairs correct), and three held-out questions."""
+    held_out = [(q, a) for q, a, _ in HELDOUT_QA[:REPLY_HELD_OUT]]
+    return fixtures.QA_PAIRS[:2] + [(q, a) for q, a, _ in fixtures.MADE_UP] + held_out
+
+
+def export_cli() -> list[str]:
+    """`export-checkpoint` as installed next to this Python, else the module."""
+    exe = Path(sys.executable).parent / "export-checkpoint"
+    return [str(exe)] if exe.is_file() else [sys.executable, "-m", "posttrain.export"]
+
+
+def write_eval_tasks(work: Path) -> dict[str, Path]:
+    """The demo's local evaluation tasks, each in its hub dataset's schema: ARC (the questions SFT learnt
+    made-up answers to, and the held-out ones: the true answer against the made-up one), IFEval (the held-out questions with the
+    end-phrase instruction) and GSM8K (the numeric questions SFT answered with made-up numbers)."""
+    d = work / "eval_data"
+    arc = list(fixtures.MADE_UP) + list(HELDOUT_QA)
+    return {
+        "arc_easy": fixtures.write_jsonl(d / "arc_demo.jsonl", fixtures.arc_rows(arc)),
+        "ifeval": fixtures.write_jsonl(d / "ifeval_demo.jsonl", fixtures.ifeval_rows([q for q, _, _ in HELDOUT_QA])),
+        "gsm8k": fixtures.write_jsonl(d / "gsm8k_demo.jsonl", fixtures.gsm8k_rows(fixtures.GSM8K_ITEMS)),
+    }
 
 
 def compare_replies(
@@ -196,7 +250,7 @@ def compare_replies(
     """Greedy replies of each model to the demo prompts, trained and held-out (with the training system prompt)."""
     from posttrain.generation.generate import generate_turn, load_model
 
-    pairs = fixtures.QA_PAIRS + [(q, a) for q, a, _ in HELDOUT_QA]
+    pairs = reply_pairs()
     prompts = [q for q, _ in pairs]
     replies, stopped, correct = {}, {}, {}
     for name, path in model_dirs.items():
@@ -218,12 +272,14 @@ def compare_replies(
 
 
 def run_evaluation(demo: Demo, converted: Path) -> Path:
-    """posttrain/evaluate.py on the three models: the harness's ARC-Easy task on a small local task in
-    ARC's schema (the demo questions), and generation health on the held-out prompts."""
+    """posttrain/evaluate.py on the three models (recipes/demo/evaluate.yaml): the harness's tasks on the
+    demo's local files, generation health on the held-out prompts, held-out preference accuracy, the DPO
+    model as judge, and the overlap of the task items with the training data."""
     w = demo.work
-    demo.stage("Evaluate base, SFT and DPO (recipes/demo/evaluate.yaml): multiple choice, paired tests, stop rate")
-    items = [(q, a, r) for (q, a), r in zip(fixtures.QA_PAIRS, fixtures.REJECTED_ANSWERS)] + HELDOUT_QA
-    task = fixtures.write_jsonl(w / "eval_data" / "arc_demo.jsonl", fixtures.arc_rows(items))
+    demo.stage(
+        "Evaluate base, SFT and DPO (recipes/demo/evaluate.yaml): tasks, stop rate, judge, held-out preference pairs"
+    )
+    tasks = write_eval_tasks(w)
     models = [f"{name}={path}" for name, path in zip(MODELS, (converted, w / "sft", w / "dpo"))]
     demo.run(
         "evaluate",
@@ -234,9 +290,16 @@ def run_evaluation(demo: Demo, converted: Path) -> Path:
             "--models",
             *models,
             "--task_files",
-            f"arc_easy={task}",
+            *(f"{name}={path}" for name, path in tasks.items() if name in EVAL_TASKS),
             "--prompts",
             w / "sft_data",
+            "--preference_data",
+            w / "raw" / "preference" / "test.jsonl",
+            "--judge",
+            w / "dpo",
+            "--training_data",
+            w / "sft_data",
+            w / "dpo_data",
             "--output_dir",
             w / "eval",
         ],
@@ -265,8 +328,7 @@ def run_demo(work: Path) -> None:
 
     demo.stage("Prepare the bundled SFT and preference data with data_scripts")
     raw_sft, raw_pref = write_raw_data(w)
-    # --val-split 0.5 caps the test rows at half the train rows; each held-out file has 2.
-    common = ["--tokenizer", converted, "--max-length", "128", "--seed", "0", "--val-split", "0.5"]
+    common = ["--tokenizer", converted, "--max-length", "128", "--seed", "0", "--val-split", VAL_SPLIT]
     demo.run(
         "prepare SFT data",
         [
@@ -328,7 +390,15 @@ def run_demo(work: Path) -> None:
         ],
     )
 
-    demo.stage(f"Base, SFT and DPO answer the same prompts (greedy; Q{len(fixtures.QA_PAIRS) + 1}+ are held out)")
+    demo.stage("Export the DPO model to the pre-training format and verify its logits (export-checkpoint --verify)")
+    exported = w / "export" / "ckpt_000100.pt"
+    demo.run("export", [*export_cli(), w / "dpo", "--output", exported, "--verify"])
+
+    first_held_out = len(reply_pairs()) - REPLY_HELD_OUT + 1
+    demo.stage(
+        f"Base, SFT and DPO answer the same prompts (greedy; Q3-Q{first_held_out - 1}: SFT learnt made-up answers, "
+        f"DPO's pairs correct them; Q{first_held_out}+ are held out)"
+    )
     prompts, replies, stopped, correct = compare_replies({"base": converted, "sft": w / "sft", "dpo": w / "dpo"})
     print(side_by_side(prompts, replies, width=min(shutil.get_terminal_size((120, 24)).columns, 150)))
     for name in MODELS:
@@ -354,7 +424,8 @@ def run_demo(work: Path) -> None:
     evaluation = run_evaluation(demo, converted)
     print(f"\ntraining curves: {plot}\nevaluation chart: {evaluation / 'scores.png'}")
     print(
-        f"models in {w}: converted/, sft/, dpo/ (each sft/dpo README.md is its model card); talk to one "
+        f"models in {w}: converted/, sft/, dpo/ (each sft/dpo README.md is its model card), export/ (the DPO model in "
+        f"the pre-training format); talk to one "
         f"(it uses the system prompt it was trained with):\n  python -m posttrain.chat {w / 'dpo'}"
     )
     print(summary_line(time.monotonic() - demo.t0, w, evaluation / "report.md"))

@@ -18,6 +18,54 @@ import math
 from posttrain.outputs.errors import PosttrainError
 
 BOOTSTRAP_SAMPLES = 10_000
+Z95 = 1.959963984540054
+
+
+def wilson_interval(successes: float, n: int, z: float = Z95) -> tuple[float, float]:
+    """95% Wilson score interval of a share of `successes` in `n` (never zero width for n > 0)."""
+    if n <= 0:
+        return 0.0, 1.0
+    p = min(1.0, max(0.0, successes / n))
+    denominator = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denominator
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denominator
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def newcombe_paired_interval(a, b, z: float = Z95) -> tuple[float, float]:
+    """95% interval of mean(b) - mean(a) for paired 0/1 scores: Newcombe's (1998) method 10, the
+    hybrid score interval from each share's Wilson interval and the phi correlation of the pairs."""
+    n = len(a)
+    both = sum(1 for x, y in zip(a, b) if x and y)
+    only_a = sum(1 for x, y in zip(a, b) if x and not y)
+    only_b = sum(1 for x, y in zip(a, b) if y and not x)
+    neither = n - both - only_a - only_b
+    pa, pb = (both + only_a) / n, (both + only_b) / n
+    la, ua = wilson_interval(both + only_a, n, z)
+    lb, ub = wilson_interval(both + only_b, n, z)
+    product = (both + only_a) * (only_b + neither) * (both + only_b) * (only_a + neither)
+    phi = (both * neither - only_a * only_b) / math.sqrt(product) if product else 0.0
+    delta = pb - pa
+    lower = delta - math.sqrt(max(0.0, (pb - lb) ** 2 - 2 * phi * (pb - lb) * (ua - pa) + (ua - pa) ** 2))
+    upper = delta + math.sqrt(max(0.0, (ub - pb) ** 2 - 2 * phi * (ub - pb) * (pa - la) + (pa - la) ** 2))
+    return max(-1.0, lower), min(1.0, upper)
+
+
+def share_interval(values) -> tuple[float, float]:
+    """95% interval of the mean of item scores in [0, 1] (Wilson on their sum: exact for 0/1 scores,
+    conservative for graded ones, whose variance is at most p(1 - p)); a bootstrap interval otherwise."""
+    values = [float(v) for v in values]
+    if not values:
+        return 0.0, 1.0
+    if all(0.0 <= v <= 1.0 for v in values):
+        return wilson_interval(sum(values), len(values))
+    import numpy as np
+
+    means = _resampled_means(
+        np.asarray(values), BOOTSTRAP_SAMPLES, 0, lambda rng, k, d: d[rng.integers(0, len(d), size=(k, len(d)))]
+    )
+    lo, hi = np.percentile(means, [2.5, 97.5])
+    return float(lo), float(hi)
 
 
 def mcnemar_exact(a, b) -> float:
@@ -76,7 +124,7 @@ def paired_comparison(a: dict[int, float], b: dict[int, float], seed: int = 0) -
         raise PosttrainError("no item was scored for both models; they cannot be compared")
     xs, ys = [a[i] for i in ids], [b[i] for i in ids]
     binary = all(v in (0.0, 1.0) for v in xs + ys)
-    lo, hi = paired_bootstrap_ci(xs, ys, seed=seed)
+    lo, hi = newcombe_paired_interval(xs, ys) if binary else paired_bootstrap_ci(xs, ys, seed=seed)
     return {
         "delta": sum(ys) / len(ys) - sum(xs) / len(xs),
         "ci95": [lo, hi],
@@ -111,3 +159,21 @@ def compare_models(scores: dict[str, dict[str, dict]]) -> list[dict]:
                     stats = paired_comparison(score_a.items[metric], score_b.items[metric])
                     comparisons.append({"task": task, "mode": mode, "metric": metric, "a": a, "b": b, **stats})
     return comparisons
+
+
+def compare_item_scores(items: dict[str, dict[str, dict[int, float]]], task: str, mode: str) -> list[dict]:
+    """Paired comparisons of per-item scores ({model: {metric: {item: score}}}, models in their order),
+    in compare_models' shape: for preference pairs, generation health's per-prompt stop, and the like."""
+    return [
+        {
+            "task": task,
+            "mode": mode,
+            "metric": metric,
+            "a": a,
+            "b": b,
+            **paired_comparison(items[a][metric], items[b][metric]),
+        }
+        for a, b in model_pairs(list(items))
+        for metric in items[a]
+        if metric in items[b]
+    ]
