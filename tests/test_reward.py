@@ -95,7 +95,7 @@ def test_pairs_longer_than_max_length_are_dropped_and_counted(tmp_path, memorise
         (["--health_prompts", "2"], "health_prompts: a reward model does not generate replies"),
         (["--use_peft", "true"], "use_peft: the reward model is trained in full here"),
         (["--dataset_name", "SFT_DATA"], "preference data needs columns prompt, chosen, rejected"),
-        (["--model_name_or_path", "MISSING"], "cannot load its tokenizer"),
+        (["--model_name_or_path", "MISSING"], "cannot find this local path"),
     ],
 )
 def test_bad_input_is_one_line_and_leaves_a_finished_run_as_it_was(
