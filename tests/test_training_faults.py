@@ -99,6 +99,8 @@ def short_run_with_fault(tmp_path: Path, model_dir, data_dir, patch: str):
     ],
 )
 def test_bad_values_are_refused_when_the_recipe_is_parsed(tmp_path, stage, overrides, message):
+    (tmp_path / "model").mkdir()  # a local path that exists: the values are what is refused
+    (tmp_path / "data").mkdir()
     recipe = helpers.write_recipe(
         stage, tmp_path / "r.yaml", tmp_path / "model", tmp_path / "data", tmp_path / "out", **overrides
     )
