@@ -216,7 +216,8 @@ def test_resume_and_output_dir_errors(tmp_path, tiny_model_dir, sft_data_dir):
     assert resume == str(tmp_path / "out" / "checkpoint-3")
     assert (tmp_path / "out" / RESOLVED_RECIPE_NAME).exists()  # nothing changes while inputs are checked
     claim_output_dir(training_args, resume)
-    assert not (tmp_path / "out" / RESOLVED_RECIPE_NAME).exists()  # until this run saves, it is unfinished
+    # the marker stays until save_run replaces the model: a run that fails before then leaves it as it was
+    assert (tmp_path / "out" / RESOLVED_RECIPE_NAME).exists()
     script_args, training_args, *_ = parse(recipe, "--overwrite_output_dir", "true")
     assert resume_checkpoint(script_args, training_args) is None
     assert (tmp_path / "out" / "checkpoint-3").exists()
