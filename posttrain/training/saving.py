@@ -138,13 +138,14 @@ def save_run(trainer, recipe: Recipe, train_result, info: dict | None = None) ->
     generation_config = getattr(model, "generation_config", None)  # a reward (sequence-classification) model has none
     if generation_config is not None:
         stop_on_im_end(generation_config, trainer.processing_class)
+    launch = _launch_summary(trainer.accelerator)  # recorded in training_info.json and the saved recipe
     with _final_model_dir(trainer, out) as tmp:
         # Every process calls save_model: under ZeRO-3 it gathers the shards; it writes on the main process.
         trainer.save_model(str(tmp))  # model (or LoRA adapter), tokenizer with its chat template
         if trainer.accelerator.is_main_process and generation_config is not None:
             generation_config.save_pretrained(tmp)  # also next to a LoRA adapter
         if trainer.accelerator.is_main_process and info is not None:
-            info = {**info, "launch": _launch_summary(trainer.accelerator)}
+            info = {**info, "launch": launch}
             write_training_info(tmp, info)
     trainer.save_state()  # trainer_state.json: the log history
     if trainer.accelerator.is_main_process:
@@ -169,7 +170,7 @@ def save_run(trainer, recipe: Recipe, train_result, info: dict | None = None) ->
             recipe.model_args,
             recipe.dataset_args,
             overrides=overrides,
-            launch=_launch_summary(trainer.accelerator),
+            launch=launch,
             script=stage_script(recipe),
             notes=recipe_notes(record) if record else (),
         )

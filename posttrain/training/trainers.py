@@ -14,7 +14,7 @@ from pathlib import Path
 import trl
 
 from posttrain.conversion.chat_template import check_template_renders
-from posttrain.outputs.errors import PosttrainError
+from posttrain.outputs.errors import PosttrainError, first_line
 from posttrain.training.recipe import Recipe
 
 
@@ -149,8 +149,7 @@ def check_renders(tokenizer, dataset, name: str) -> None:
             tokenizer.apply_chat_template(conversation, tokenize=False)
         except Exception as err:
             raise PosttrainError(
-                f"model {name}: its chat template cannot render the first training row "
-                f"({str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__})"
+                f"model {name}: its chat template cannot render the first training row ({first_line(err)})"
             ) from None
 
 
