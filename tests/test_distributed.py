@@ -65,6 +65,28 @@ def test_ddp_config():
     assert cfg.deepspeed_config == {}
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU: NCCL is found")
+@pytest.mark.parametrize(
+    "env, expected",
+    [
+        ({"WORLD_SIZE": "2"}, {"ddp_backend": "gloo"}),  # ddp.yaml: without it each rank trains alone
+        ({"WORLD_SIZE": "1", "ACCELERATE_USE_DEEPSPEED": "true"}, {"ddp_backend": "gloo"}),
+        ({"WORLD_SIZE": "1"}, {}),
+        ({}, {}),
+    ],
+)
+def test_cpu_launches_name_the_gloo_backend(monkeypatch, env, expected):
+    """Accelerate 1.15 counts the processes of a CPU launch only when a backend is named: a 2-process
+    plain-DDP launch would otherwise train two unsynchronised copies into one output directory."""
+    from posttrain.training.recipe import launch_defaults
+
+    for key in ("WORLD_SIZE", "ACCELERATE_USE_DEEPSPEED", "ACCELERATE_USE_FSDP"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    assert launch_defaults() == expected
+
+
 def test_fsdp_config():
     """FSDP2, full shard, a full state dict on save (one loadable model.safetensors), bf16; activation
     checkpointing is left to the recipe (transformers refuses both at once)."""
