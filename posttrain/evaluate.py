@@ -29,6 +29,7 @@ whether a difference was larger than the noise.
 
 from __future__ import annotations
 
+import functools
 import gc
 import sys
 from dataclasses import dataclass, field
@@ -209,15 +210,23 @@ def model_dirs(models) -> dict[str, Path]:
     return dirs
 
 
+@functools.cache
+def tokenizer_of(path: Path):
+    """Each model's tokenizer, loaded once for the checks and the scoring: Qwen3's 151,669-token tokenizer.json
+    takes ~2.5 s to load on a CPU. Nothing here changes it (the harness sets its padding side only around a
+    call and restores it)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path)
+
+
 def chat_scoring(dirs: dict[str, Path], setting: str, generating: bool) -> dict[str, bool]:
     """{name: whether to score it with its chat template too}; a model without a template is refused
     when chat scoring is required of every model, or when it must answer the prompts."""
-    from transformers import AutoTokenizer
-
     has_template = {}
     for name, path in dirs.items():
         try:
-            has_template[name] = bool(AutoTokenizer.from_pretrained(path).chat_template)
+            has_template[name] = bool(tokenizer_of(path).chat_template)
         except (OSError, ValueError) as err:
             raise PosttrainError(
                 f"models: {name}: cannot load the tokenizer of {path} ({err})".splitlines()[0]
@@ -238,7 +247,7 @@ def evaluate_model(
     """({mode: {task: TaskScore}} (None off the main process), reply records, preference figures) of one model."""
     import torch
 
-    lm = harness.load_lm(path, args.batch_size, args.dtype)
+    lm = harness.load_lm(path, args.batch_size, args.dtype, tokenizer_of(path))
     print(f"\n== {name} ({path}): scoring {', '.join(args.tasks)}", flush=True)
     scores = {"plain": harness.score(lm, configs, chat=False, limit=args.limit)}
     if chat:
@@ -329,7 +338,7 @@ def main(args: EvalArguments) -> None:
         if args.judge
         else None
     )
-    pairs = preference.check_pairs(args.preference_data, dirs) if args.preference_data else {}
+    pairs = preference.check_pairs(args.preference_data, dirs, tokenizer_of) if args.preference_data else {}
     training = overlap.training_files(args.training_data)
     test_files = {task: splits["test"] for task, splits in task_files.items() if "test" in splits}
     overlapping = overlap.task_overlap(test_files, training)  # before any model loads: a bad row fails here

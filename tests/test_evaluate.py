@@ -461,3 +461,17 @@ def test_local_task_configs_keep_the_harness_definition(tmp_path, arc_file):
     assert evaluation.task_configs(["openbookqa"]) == ["openbookqa"]  # from the hub
     with pytest.raises(PosttrainError, match="line 1 has no field mc2_targets, .* needs mc2_targets, question"):
         evaluation.task_configs(["truthfulqa_mc2"], {"truthfulqa_mc2": str(arc_file)})
+
+
+def test_the_index_of_the_named_tasks_equals_the_whole_one():
+    """Only the directories that define the named tasks are indexed (the whole index parses ~14,000 YAML files,
+    20-40 s); each task's entry, and so its config, is the one the whole index has. A name the text scan does
+    not find (a typo) gets the whole index, and with it the did-you-mean."""
+    from posttrain.evaluation import harness
+
+    names = ("arc_challenge", "gsm8k", "ifeval", "truthfulqa_mc2")
+    few, whole = harness.task_manager(names).task_index, harness.task_manager().task_index
+    assert len(few) < len(whole) / 50
+    for name in names:
+        assert (few[name].kind, few[name].yaml_path) == (whole[name].kind, whole[name].yaml_path)
+    assert "arc_easy" in harness.task_manager(("arc_esay",)).task_index

@@ -45,12 +45,46 @@ _SPLITS = ("test", "train")  # a local task's scored split and the split its few
 # ------------------------------------------------------------------------------------ tasks
 
 
-@functools.lru_cache(maxsize=1)
-def task_manager():
-    """The harness's index of its registered tasks (built once per process: it reads ~10k YAML files)."""
+@functools.cache
+def task_manager(names: tuple[str, ...] | None = None):
+    """The harness's index of its registered tasks: of the directories that define `names` only, or of every
+    task when `names` is None or one of them is not found that way (a task made in Python, a tag, a typo, whose
+    did-you-mean needs every name). The whole index parses all ~14,000 task YAML files, 20-40 s on a CPU, in
+    every process; finding the directories takes a text scan of well under a second."""
     from lm_eval.tasks import TaskManager
 
+    if names:
+        dirs = {_defining_dir(name) for name in names}
+        if None not in dirs:
+            manager = TaskManager(include_defaults=False, include_path=sorted(map(str, dirs)))
+            if all(name in manager.task_index for name in names):
+                return manager
+        return task_manager(None)
     return TaskManager()
+
+
+@functools.lru_cache(maxsize=1)
+def _task_dirs() -> dict[str, set[Path]]:
+    """{task name: the directories of the harness's YAML files that have the line `task: <name>`}."""
+    import os
+    import re
+
+    import lm_eval.tasks
+
+    line = re.compile(rb"^task:[ \t]*['\"]?([\w.\-]+)['\"]?[ \t]*$", re.M)
+    dirs: dict[str, set[Path]] = {}
+    for folder, _, files in os.walk(Path(lm_eval.tasks.__file__).parent):
+        for file in files:
+            if file.endswith((".yaml", ".yml")):
+                for name in line.findall(Path(folder, file).read_bytes()):
+                    dirs.setdefault(name.decode(), set()).add(Path(folder))
+    return dirs
+
+
+def _defining_dir(name: str) -> Path | None:
+    """The one directory that defines task `name`, if one does."""
+    found = _task_dirs().get(name, set())
+    return next(iter(found)) if len(found) == 1 else None
 
 
 def _template_fields(template) -> set[str]:
@@ -203,7 +237,7 @@ def task_configs(
     stray = sorted(set(files) - set(tasks))
     if stray:
         raise PosttrainError(f"task_files: {', '.join(stray)} not in tasks ({', '.join(tasks)})")
-    index = task_manager().task_index
+    index = task_manager(tuple(tasks)).task_index
     configs = []
     for name in tasks:
         config = _registered_config(name, index)
@@ -255,7 +289,7 @@ def task_configs(
 
 
 def _config_of(task) -> dict:
-    return task if isinstance(task, dict) else _registered_config(task, task_manager().task_index)
+    return task if isinstance(task, dict) else _registered_config(task, task_manager((task,)).task_index)
 
 
 def task_name(task) -> str:
@@ -319,14 +353,15 @@ class TaskScore:
         raise AttributeError(name)
 
 
-def load_lm(model_dir, batch_size: str = "8", dtype: str = "auto"):
-    """The harness's Hugging Face model for `model_dir`: one process, or data-parallel under `accelerate launch`."""
+def load_lm(model_dir, batch_size: str = "8", dtype: str = "auto", tokenizer=None):
+    """The harness's Hugging Face model for `model_dir` (with `tokenizer`, one already loaded from it, or its
+    own): one process, or data-parallel under `accelerate launch`."""
     import torch
     from lm_eval.models.huggingface import HFLM
 
     device = "cuda" if torch.cuda.is_available() else "cpu"  # the harness defaults to cuda, and asserts without it
     size = int(batch_size) if str(batch_size).isdigit() else batch_size
-    return HFLM(pretrained=str(model_dir), device=device, batch_size=size, dtype=dtype)
+    return HFLM(pretrained=str(model_dir), tokenizer=tokenizer, device=device, batch_size=size, dtype=dtype)
 
 
 def _number(value):
@@ -413,7 +448,7 @@ def score(lm, tasks: list, chat: bool, system_prompt: str | None = None, limit: 
         system_instruction=system_prompt if chat and system_prompt else None,
         limit=limit,
         log_samples=True,
-        task_manager=task_manager(),
+        task_manager=task_manager(tuple(task_name(t) for t in tasks)),
         bootstrap_iters=1000,  # acc's standard error is closed-form; this only bounds other metrics' cost
     )
     if results is None:

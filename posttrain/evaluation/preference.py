@@ -60,15 +60,15 @@ def load_pairs(path) -> tuple[list[dict], str]:
     return [{k: dataset[i][k] for k in ("prompt", "chosen", "rejected")} for i in range(len(dataset))], str(file)
 
 
-def check_pairs(path, dirs: dict[str, Path]) -> dict[str, list[tuple]]:
-    """{model: tokenize_pair of every pair} with each model's own tokenizer, before any model loads: every
-    model has a chat template and every pair fits its context."""
+def check_pairs(path, dirs: dict[str, Path], load_tokenizer=None) -> dict[str, list[tuple]]:
+    """{model: tokenize_pair of every pair} with each model's own tokenizer (`load_tokenizer(dir)`, default
+    AutoTokenizer's), before any model loads: every model has a chat template and every pair fits its context."""
     from transformers import AutoConfig, AutoTokenizer
 
     rows, file = load_pairs(path)
     tokenized = {}
     for name, model_dir in dirs.items():
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        tokenizer = (load_tokenizer or AutoTokenizer.from_pretrained)(model_dir)
         if not tokenizer.chat_template:
             raise PosttrainError(
                 f"preference_data: models: {name} ({model_dir}) has no chat template, which the pairs are rendered "
