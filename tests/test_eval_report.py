@@ -79,6 +79,28 @@ def test_verdict_line_has_the_sign_interval_and_p_of_a_difference_that_excludes_
     assert line == "**dpo vs sft**: arc_easy chat acc -100.0 points [-100.0, -60.8], p = 0.002"
 
 
+def test_metrics_of_one_task_that_move_alike_share_one_phrase():
+    """IFEval's four accuracies agree item for item on one-instruction prompts: one phrase names them all."""
+    comparisons = [
+        {"task": "ifeval", "mode": "chat", "metric": metric, "a": "base", "b": "sft", "delta": 1.0,
+         "ci95": [0.6075, 1.0], "p_value": 2 / 1024, "test": "mcnemar_exact", "n": 10}
+        for metric in ("prompt_level_strict_acc", "inst_level_strict_acc", "prompt_level_loose_acc")
+    ] + [
+        {"task": "ifeval", "mode": "plain", "metric": "prompt_level_strict_acc", "a": "base", "b": "sft",
+         "delta": 1.0, "ci95": [0.6075, 1.0], "p_value": 2 / 1024, "test": "mcnemar_exact", "n": 10},
+        {"task": "ifeval", "mode": "chat", "metric": "inst_level_loose_acc", "a": "base", "b": "sft",
+         "delta": 0.9, "ci95": [0.5, 0.98], "p_value": 0.004, "test": "mcnemar_exact", "n": 10},
+    ]  # fmt: skip
+    summary = report.build_summary({"base": "b", "sft": "s"}, {"base": {}, "sft": {}}, {}, comparisons)
+    (line,) = report.verdicts(summary)
+    assert line == (
+        "**sft vs base**: ifeval chat prompt_level_strict_acc +100.0 points [+60.8, +100.0], p = 0.002 "
+        "(inst_level_strict_acc, prompt_level_loose_acc alike); "
+        "ifeval plain prompt_level_strict_acc +100.0 points [+60.8, +100.0], p = 0.002; "
+        "ifeval chat inst_level_loose_acc +90.0 points [+50.0, +98.0], p = 0.004"
+    )
+
+
 def test_verdicts_per_stage_and_for_the_whole_pipeline():
     # base -> sft: 8 items gained (interval excludes 0); sft -> dpo: one more (within the noise)
     base, sft, dpo = [0.0] * 10, [1.0] * 8 + [0.0] * 2, [1.0] * 9 + [0.0]

@@ -202,6 +202,16 @@ def _comparison_phrase(summary: dict, c: dict) -> str:
     )
 
 
+def _same_moves(comparisons: list[dict]) -> list[tuple[dict, list[str]]]:
+    """[(comparison, the other metrics of its task and mode that moved exactly alike)]: IFEval's four accuracies
+    often agree item for item, and a verdict names the first and lists the rest instead of repeating the figures."""
+    groups: dict[tuple, list[dict]] = {}
+    for c in comparisons:
+        key = (c["task"], c["mode"], c["delta"], tuple(c["ci95"]), c["p_value"])
+        groups.setdefault(key if c["task"] not in (GENERATION_TASK, "preference") else (id(c),), []).append(c)
+    return [(first, [c["metric"] for c in rest]) for first, *rest in groups.values()]
+
+
 def verdicts(summary: dict) -> list[str]:
     """One line per stage (each model against the one before it, then the first against the last): every
     difference whose 95% interval excludes 0 (and p < 0.05), and every judge win rate whose interval excludes
@@ -210,9 +220,10 @@ def verdicts(summary: dict) -> list[str]:
     lines = []
     for a, b in stats.model_pairs(names):
         found = [
-            _comparison_phrase(summary, c)
-            for c in summary["comparisons"]
-            if (c["a"], c["b"]) == (a, b) and significant(c)
+            _comparison_phrase(summary, c) + (f" ({', '.join(alike)} alike)" if alike else "")
+            for c, alike in _same_moves(
+                [c for c in summary["comparisons"] if (c["a"], c["b"]) == (a, b) and significant(c)]
+            )
         ]
         for j in summary.get("judgements") or []:
             if (j["a"], j["b"]) == (a, b) and significant(j, 0.5):
