@@ -233,7 +233,8 @@ def alpaca_rows(n: int, seed: int = 0) -> list[dict]:
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = {
-    stage: REPO / "recipes" / f"{stage}.yaml" for stage in ("sft", "dpo", "reward", "generate_pairs", "dpo_on_policy")
+    stage: REPO / "recipes" / f"{stage}.yaml"
+    for stage in ("sft", "dpo", "reward", "generate_pairs", "dpo_on_policy", "evaluate")
 }
 LAUNCH_CONFIG = REPO / "accelerate_configs" / "zero2.yaml"  # what both recipes' headers launch with
 SFT_STATS = REPO / "benchmarks" / "results" / "sft_recipe_stats.json"
@@ -306,6 +307,41 @@ def sampling_figures(recipe: dict, gpus: int) -> dict[str, int]:
     }
 
 
+# Evaluation (recipes/evaluate.yaml), every model scored plain and chat, the items of each task split between the
+# GPUs as the harness does under `accelerate launch`. Hub test-split sizes; the generation tasks' reply limits
+# (IFEval's own 1280; GSM8K sets none, so the harness's 256); a generate call of EVAL_BATCH sequences (the least
+# `batch_size: auto` finds for the 1.8B model on a B200) runs until its longest reply ends, and an upper bound
+# lets every call run to the limit, as a model that never stops does (the base model scored plain, whose
+# IFEval prompts have no stop string). A decoding step is modelled as on-policy sampling's (~13 ms).
+EVAL_ITEMS = {"ifeval": 541, "gsm8k": 1_319, "arc_easy": 2_376, "arc_challenge": 1_172, "openbookqa": 500}
+EVAL_REPLY_LIMITS = {"ifeval": 1_280, "gsm8k": 256}
+EVAL_BATCH = 64
+EVAL_MODES = 2  # plain and chat (chat_scoring: auto, every model has a template)
+DECODE_STEP_S = 80 / SAMPLING_SLOTS_PER_S  # one step of generate_pairs.yaml's 80-sequence batch
+
+
+def evaluation_figures(recipe: dict, gpus: int, step_s: float = DECODE_STEP_S) -> dict[str, int]:
+    """Items, decoding steps per GPU (an upper bound) and minutes of an evaluation recipe's generation: its
+    generation tasks, generation health (`num_prompts` greedy replies of `max_new_tokens`, batches of 8) and
+    the judge's forwards (each later model against the one before, and the first against the last, both orders)."""
+    models = len(recipe["models"])
+    generation = [t for t in recipe["tasks"] if t in EVAL_REPLY_LIMITS]
+    steps = 0
+    for task in generation:
+        limit = recipe.get("max_gen_toks") or EVAL_REPLY_LIMITS[task]
+        calls = math.ceil(math.ceil(EVAL_ITEMS[task] / gpus) / EVAL_BATCH)
+        steps += calls * limit * models * EVAL_MODES
+    prompts = recipe["num_prompts"]
+    steps += math.ceil(math.ceil(prompts / gpus) / 8) * recipe["max_new_tokens"] * models
+    pairs = models - 1 + (models > 2)
+    return {
+        "generation items per model": sum(EVAL_ITEMS[t] for t in generation),
+        "decoding steps per gpu": steps,
+        "generation minutes": round(steps * step_s / 60),
+        "judge forwards": pairs * prompts * 2,  # when a judge is named
+    }
+
+
 def on_policy_train_pairs() -> int:
     """At most one pair per prompt (every prompt yields one), less generate_pairs.yaml's test share."""
     recipe = yaml.safe_load(RECIPES["generate_pairs"].read_text())
@@ -317,6 +353,8 @@ def computed_figures(stage: str, recipe_path: Path | None = None, stats_path: Pa
     n = gpus()
     if stage == "generate_pairs":
         return sampling_figures(recipe, n)
+    if stage == "evaluate":
+        return evaluation_figures(recipe, n)
     per_device, accumulation = recipe["per_device_train_batch_size"], recipe["gradient_accumulation_steps"]
     per_update = per_device * accumulation * n
     if stage == "sft":

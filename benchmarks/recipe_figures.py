@@ -3,8 +3,9 @@
     python benchmarks/recipe_figures.py
 
 Each production recipe (`recipes/sft.yaml`, `dpo.yaml`, `reward.yaml`, `generate_pairs.yaml`,
-`dpo_on_policy.yaml`) states its figures (conversations or pairs per update, updates per epoch, samples
-and minutes of sampling, ...) in a comment block, one `#   NAME   NUMBER` line each.
+`dpo_on_policy.yaml`, `evaluate.yaml`) states its figures (conversations or pairs per update, updates per
+epoch, samples and minutes of sampling, decoding steps of the evaluation, ...) in a comment block, one
+`#   NAME   NUMBER` line each.
 `common.computed_figures` derives the same figures from the recipe's batch keys, the process count
 of the accelerate config the recipe is launched with, and the data statistics
 (benchmarks/results/sft_recipe_stats.json for SFT; UltraFeedback's published pair count for
@@ -18,6 +19,7 @@ from common import (  # noqa: F401  (the arithmetic, tested through this module)
     DPO_TRAIN_PAIRS,
     RECIPES,
     computed_figures,
+    evaluation_figures,
     gpus,
     sampling_figures,
     stated_figures,

@@ -20,7 +20,7 @@ def figures(monkeypatch):
     return recipe_figures
 
 
-@pytest.mark.parametrize("stage", ["sft", "dpo", "reward", "generate_pairs", "dpo_on_policy"])
+@pytest.mark.parametrize("stage", ["sft", "dpo", "reward", "generate_pairs", "dpo_on_policy", "evaluate"])
 def test_stated_figures_match_the_recipe(figures, stage):
     stated, computed = figures.stated_figures(figures.RECIPES[stage]), figures.computed_figures(stage)
     assert stated == computed and stated
@@ -37,6 +37,30 @@ def test_sampling_arithmetic_by_hand(figures, monkeypatch):
     assert computed["samples"] == 8 and computed["sampled tokens"] == 205
     assert computed["decoded slots"] == 50 * 4 + 90 * 4
     assert max(real_draw(1000, 64)) == 64  # a real draw is cut at max_new_tokens
+
+
+def test_evaluation_arithmetic_by_hand(figures):
+    """2 models, 2 GPUs: IFEval's 541 items are 271 per GPU, 5 calls of 64 x 100 tokens (max_gen_toks), per
+    model and mode; health: 10 prompts are 5 per GPU, one call of 8 x 32 tokens per model."""
+    recipe = dict(models=["a", "b"], tasks=["ifeval", "arc_easy"], max_gen_toks=100, num_prompts=10, max_new_tokens=32)
+    computed = figures.evaluation_figures(recipe, gpus=2, step_s=0.06)
+    assert computed["generation items per model"] == 541
+    assert computed["decoding steps per gpu"] == 5 * 100 * 2 * 2 + 1 * 32 * 2 == 2_064
+    assert computed["generation minutes"] == round(2_064 * 0.06 / 60) == 2
+    assert computed["judge forwards"] == 1 * 10 * 2  # one pair of models, both orders
+
+
+def test_the_evaluation_recipe_parses_and_names_registered_tasks():
+    """recipes/evaluate.yaml's keys are EvalArguments fields and every task is one the harness knows, the
+    generation tasks that post-training is judged by among them."""
+    from posttrain.evaluate import EvalArguments
+    from posttrain.evaluation import harness
+    from posttrain.training.recipe import parse_recipe
+
+    (args,), _ = parse_recipe([EvalArguments], [str(REPO / "recipes" / "evaluate.yaml")])
+    assert {"ifeval", "gsm8k"} <= set(args.tasks) and args.num_fewshot is None and args.max_gen_toks is None
+    index = harness.task_manager(tuple(args.tasks)).task_index
+    assert [task for task in args.tasks if task not in index] == []
 
 
 def test_sft_updates_are_about_128_conversations(figures):
