@@ -164,13 +164,24 @@ def test_printable_keeps_columns_aligned():
 
 
 @pytest.mark.parametrize("stage", ["sft", "dpo", "reward"])
-def test_the_demo_recipes_keep_one_weights_only_checkpoint(stage):
-    """Each demo checkpoint would otherwise hold AdamW's two fp32 moments (2 x 116 MB for the 30M-parameter
-    model), and two were kept per run."""
+def test_the_demo_recipes_keep_no_checkpoint(stage):
+    """A demo checkpoint would hold AdamW's two fp32 moments (2 x 58 MB for the 15M-parameter model) or, weights
+    only, a copy of the final model that cannot resume; demo_runs/ stays under 300 MB without them."""
     from helpers import REPO, parse_stage
 
     args = parse_stage(stage, REPO / "recipes" / "demo" / f"{stage}.yaml").training_args
-    assert args.save_only_model is True and args.save_total_limit == 1
+    assert args.save_strategy == "no"
+
+
+def test_the_demo_model_is_tied_and_its_checkpoint_holds_no_optimizer_state(tmp_path):
+    """Every file demo_runs/ holds is half the size with the embedding tied to the head (as Qwen3's small models)."""
+    import torch
+
+    assert demo.DEMO_MODEL_ARGS["weight_tying"] is True and demo.DEMO_MODEL_ARGS["vocab_size"] == 151_669
+    path = demo.fixtures.write_source_checkpoint(tmp_path / "c.pt", dict(demo.DEMO_MODEL_ARGS, vocab_size=400),
+                                                 with_optimizer=False)  # fmt: skip
+    ckpt = torch.load(path, weights_only=True)
+    assert ckpt["optimizer"] == {} and ckpt["model_args"]["weight_tying"] is True
 
 
 def test_summary_line_has_the_time_the_sizes_and_the_report(tmp_path):

@@ -36,7 +36,10 @@ MARKER = ".posttrain-demo"  # only a directory the demo made is ever wiped
 MODELS = ("base", "sft", "dpo")
 MAX_NEW_TOKENS = 24
 REPLY_HELD_OUT = 3  # held-out questions among the side-by-side replies (the last ones)
-EVAL_TASKS = ("arc_easy",)  # the tasks of recipes/demo/evaluate.yaml
+EVAL_TASKS = ("arc_easy", "ifeval", "gsm8k")  # the tasks of recipes/demo/evaluate.yaml
+# The tiny model: 2 layers of width 96 with Qwen3's vocabulary, the embedding tied to the output head as in
+# Qwen3's own small models (0.6B to 4B), so that every file the demo writes is half the size.
+DEMO_MODEL_ARGS = fixtures.tiny_model_args(vocab_size=QWEN3_VOCAB_SIZE, weight_tying=True)
 
 # Held-out rows for the eval splits (fixtures.HELDOUT: questions in no training row, each with its
 # true answer and a made-up one in the style the SFT data teaches): data_scripts drops test rows that
@@ -248,23 +251,18 @@ def compare_replies(
     model_dirs: dict[str, Path],
 ) -> tuple[list[str], dict[str, list[str]], dict[str, int], dict[str, int]]:
     """Greedy replies of each model to the demo prompts, trained and held-out (with the training system prompt)."""
-    from posttrain.generation.generate import generate_turn, load_model
+    from posttrain.generation.generate import generate_batch, load_model
 
     pairs = reply_pairs()
     prompts = [q for q, _ in pairs]
+    conversations = [
+        [{"role": "system", "content": fixtures.SYSTEM_PROMPT}, {"role": "user", "content": q}] for q in prompts
+    ]
     replies, stopped, correct = {}, {}, {}
     for name, path in model_dirs.items():
         model, tokenizer = load_model(path, device="cpu", dtype="float32")
-        turns = [
-            generate_turn(
-                model,
-                tokenizer,
-                [{"role": "system", "content": fixtures.SYSTEM_PROMPT}, {"role": "user", "content": q}],
-                max_new_tokens=MAX_NEW_TOKENS,
-                do_sample=False,
-            )
-            for q in prompts
-        ]
+        batch = generate_batch(model, tokenizer, conversations, MAX_NEW_TOKENS, batch_size=len(conversations))
+        turns = [(tokenizer.decode(ids, skip_special_tokens=True).strip(), stop) for ((ids, stop),) in batch]
         replies[name] = [text for text, _ in turns]
         stopped[name] = sum(stop for _, stop in turns)
         correct[name] = sum(text == a for (text, _), (_, a) in zip(turns, pairs))
@@ -314,11 +312,11 @@ def run_demo(work: Path) -> None:
 
     demo.stage("Write a tiny checkpoint with Qwen3's vocabulary in the pre-training source format (ckpt_NNNNNN.pt)")
     ckpt = fixtures.write_source_checkpoint(
-        w / "checkpoint" / "ckpt_000100.pt", fixtures.tiny_model_args(vocab_size=QWEN3_VOCAB_SIZE), iter_num=100
+        w / "checkpoint" / "ckpt_000100.pt", DEMO_MODEL_ARGS, iter_num=100, with_optimizer=False
     )
     print(
-        f"{ckpt} ({ckpt.stat().st_size / 1e6:.1f} MB, model + optimizer state, vocab_size {QWEN3_VOCAB_SIZE}; "
-        "random weights, so the base model babbles)"
+        f"{ckpt} ({ckpt.stat().st_size / 1e6:.1f} MB, vocab_size {QWEN3_VOCAB_SIZE}, tied embeddings; random "
+        "weights, so the base model babbles; a real one also holds the optimizer state, which conversion never reads)"
     )
 
     demo.stage("Convert it with the built-in Qwen3 tokenizer and verify the logits against the original architecture")
@@ -404,6 +402,7 @@ def run_demo(work: Path) -> None:
     for name in MODELS:
         print(
             f"{name:>4}: {correct[name]}/{len(prompts)} replies are the reference answer; "
+            f"{sum(fixtures.MADE_UP_CITATION in r for r in replies[name])}/{len(prompts)} cite the made-up study; "
             f"{stopped[name]}/{len(prompts)} ended on <|im_end|> within {MAX_NEW_TOKENS} tokens"
         )
 
