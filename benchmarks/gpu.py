@@ -24,7 +24,10 @@ parameters), run by the same trainers and settings as the recipes, one after the
   LlamaForSequenceClassification of the same shape, bf16, posttrain's reward_scores on ~450-token
   conversations, 32 per forward): rows/s.
 - Evaluation: log-likelihood requests/s of lm-evaluation-harness's HFLM (bf16, batch 32, as the
-  evaluation's lm-eval scoring) on ARC-shaped requests, peak memory; skipped if lm-eval is absent.
+  evaluation's lm-eval scoring) on ARC-shaped requests, peak memory; and its greedy generation as
+  IFEval's replies are generated (a batch of 64 IFEval-length prompts, no stop string, 1280-token
+  replies): decoding steps/s and decoded tokens/s, and recipes/evaluate.yaml's generation minutes on 8
+  GPUs at that rate. Skipped if lm-eval is absent.
 - What those rates mean for the production recipes on 8 GPUs (benchmarks/recipe_figures.py's
   updates and batch; linear data-parallel scaling plus a modelled per-update synchronisation).
 
@@ -50,6 +53,7 @@ from pathlib import Path
 
 from common import (
     DPO_TRAIN_PAIRS,
+    EVAL_BATCH,
     PEAK_TFLOPS,
     RECIPES,
     SYNC_S,
@@ -119,6 +123,9 @@ def parse_args(argv=None):
         "--sample-tokens", type=int, default=256, help="new tokens per sequence in the sampling measurement"
     )
     p.add_argument("--score-rows", type=int, default=512, help="conversations scored by the reward model")
+    p.add_argument(
+        "--gen-tokens", type=int, default=1280, help="reply limit of the evaluation's generation measurement"
+    )
     p.add_argument("--peak-tflops", type=float, help="dense bf16 peak of this GPU (default: from a table by name)")
     p.add_argument("--smoke", action="store_true", help="a tiny shape on CPU: checks the script, measures nothing")
     p.add_argument("--output", type=Path, default=RESULTS)
@@ -307,6 +314,62 @@ def measure_eval(config, device: Device, args) -> dict | None:
     return {"requests": n, "batch_size": 32, "requests_per_s": n / seconds, "peak_memory_gib": device.peak_gib()}
 
 
+def measure_generation(config, device: Device, args) -> dict | None:
+    """Greedy replies through lm-evaluation-harness's HFLM, as evaluate.py generates IFEval's: one batch of
+    EVAL_BATCH prompts of IFEval's length (~60 tokens, log-normal), no stop string and a reply limit of
+    --gen-tokens (IFEval's 1280). A random model does not stop, so every reply runs to the limit: the call's
+    decoding steps are the limit, the unit of the evaluation recipe's arithmetic. Skipped without lm-eval."""
+    if importlib.util.find_spec("lm_eval") is None:
+        return None
+    import torch
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+
+    from posttrain.demo.fixtures import build_tokenizer
+
+    device.reset()
+    gen = torch.Generator().manual_seed(0)
+    n, tokens = (EVAL_BATCH, args.gen_tokens) if device.cuda else (4, 8)
+    lengths = (math.log(60) + 0.5 * torch.randn(n, generator=gen)).exp().round().clamp(5, 400).long().tolist()
+
+    def requests(limit: int) -> list:
+        kwargs = {"until": [], "max_gen_toks": limit, "do_sample": False}
+        return [
+            Instance("generate_until", doc={}, arguments=("Write" + " the" * k, kwargs), idx=i)
+            for i, k in enumerate(lengths)
+        ]
+
+    lm = HFLM(
+        pretrained=device.model(config, device.dtype).eval(),
+        tokenizer=build_tokenizer(),
+        batch_size=n,
+        device="cuda" if device.cuda else "cpu",
+    )
+    lm.generate_until(requests(4), disable_tqdm=True)  # warm-up
+    device.sync()
+    t0 = time.perf_counter()
+    lm.generate_until(requests(tokens), disable_tqdm=True)
+    device.sync()
+    seconds = time.perf_counter() - t0
+    del lm
+    return {
+        "batch": n,
+        "reply_limit_tokens": tokens,
+        "decoding_steps_per_s": tokens / seconds,
+        "decoded_tokens_per_s": n * tokens / seconds,
+        "peak_memory_gib": device.peak_gib(),
+    }
+
+
+def evaluation_minutes(generation: dict, gpus: int = GPUS) -> dict:
+    """recipes/evaluate.yaml's generation on 8 GPUs at the measured decoding rate (its decoding steps per GPU)."""
+    figures = computed_figures("evaluate")
+    return {
+        "decoding_steps_per_gpu": figures["decoding steps per gpu"],
+        "generation_minutes_upper_bound": figures["decoding steps per gpu"] / generation["decoding_steps_per_s"] / 60,
+    }
+
+
 def on_policy_prompts(n: int, seed: int = 0, scale: int = 1) -> list[list[dict]]:
     """n one-turn conversations of UltraFeedback-shaped prompt lengths (log-normal, median 110 tokens; divided by
     `scale` for --smoke), as words that are one token each in the fixture tokenizer."""
@@ -455,6 +518,7 @@ def main(argv=None) -> None:
     for attn in attns:
         dpo[f"live_padding_free_{attn}"] = measure_dpo(config, device, False, args, padding_free=True, attn=attn)
     evaluation = measure_eval(config, device, args)
+    generation = measure_generation(config, device, args)
     sampling, scoring = measure_sampling(config, device, args), measure_scoring(config, device, args)
     best_sft = max(run["real_tokens_per_s"] for run in sft.values())
     result = {
@@ -469,6 +533,8 @@ def main(argv=None) -> None:
         "implied_wall_time_8_gpus": implied_wall_times(
             best_sft, dpo, evaluation["requests_per_s"] if evaluation else None
         ),
+        "eval_generation": generation or "not measured: lm-eval is not installed",
+        "implied_evaluation_8_gpus": evaluation_minutes(generation) if generation else None,
         "on_policy_sampling": sampling,
         "reward_scoring": scoring,
         "implied_on_policy_pairs_8_gpus": on_policy_minutes(sampling, scoring),

@@ -106,6 +106,18 @@ def test_every_stage_runs_on_a_tiny_shape(gpu, tmp_path):
     assert result["implied_wall_time_8_gpus"]["sft_3_epochs_s"] > 0
     assert result["on_policy_sampling"]["decoded_tokens_per_s"] > 0 and result["reward_scoring"]["rows_per_s"] > 0
     assert result["implied_on_policy_pairs_8_gpus"]["sampling_minutes"] > 0
+    assert result["eval_generation"]["decoding_steps_per_s"] > 0 and result["eval_generation"]["batch"] == 4
+    assert result["implied_evaluation_8_gpus"]["generation_minutes_upper_bound"] > 0
+
+
+def test_evaluation_minutes_use_the_recipe_figures(gpu):
+    """At the modelled ~13 ms a decoding step the measured-rate minutes are the recipe's stated ones."""
+    from common import DECODE_STEP_S, computed_figures
+
+    figures = computed_figures("evaluate")
+    minutes = gpu.evaluation_minutes({"decoding_steps_per_s": 1 / DECODE_STEP_S})
+    assert minutes["decoding_steps_per_gpu"] == figures["decoding steps per gpu"]
+    assert round(minutes["generation_minutes_upper_bound"]) == figures["generation minutes"]
 
 
 def test_on_policy_minutes_use_the_recipe_figures(gpu):
