@@ -17,6 +17,10 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 
 
+# Resumable checkpoints (with the optimizer state), all kept: the demo recipes save none.
+RESUMABLE = dict(save_strategy="steps", save_only_model=False, save_total_limit=None)
+
+
 def write_recipe(stage: str, path: Path, model_dir, data_dir, output_dir, **overrides) -> Path:
     """recipes/demo/<stage>.yaml, pointed at the test's model, data and output directory."""
     recipe = yaml.safe_load((REPO / "recipes" / "demo" / f"{stage}.yaml").read_text())

@@ -268,7 +268,7 @@ def train_under_deepspeed(tmp_path, config, stage, script, recipe, model_dir, da
         steps,
         "--report_to",
         "none",
-        "--save_only_model",  # the demo recipe's checkpoints are weights only; these check the sharded state
+        "--save_only_model",  # the sharded state, which these check (the demo recipe saves no checkpoint)
         "false",
         *extra,
         cwd=tmp_path,

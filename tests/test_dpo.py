@@ -26,6 +26,7 @@ import torch
 import yaml
 from helpers import (
     REPO,
+    RESUMABLE,
     build_stage_trainer,
     log_history,
     one_error_line,
@@ -160,10 +161,8 @@ def trained(tmp_path_factory, tiny_model_dir, pref_dir):
 
     tmp = tmp_path_factory.mktemp("dpo_run")
     out = tmp / "out"
-    # Resumable checkpoints, all kept (the demo recipe keeps one, weights only).
-    resumable = dict(save_only_model=False, save_total_limit=None)
     recipe = write_recipe(
-        tmp / "r.yaml", tiny_model_dir, pref_dir, out, max_steps=STEPS, learning_rate=1e-3, **resumable
+        tmp / "r.yaml", tiny_model_dir, pref_dir, out, max_steps=STEPS, learning_rate=1e-3, save_steps=6, **RESUMABLE
     )
     stdout = io.StringIO()
     with contextlib.redirect_stdout(stdout):

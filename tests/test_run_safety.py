@@ -21,7 +21,7 @@ import helpers
 import pytest
 import torch
 import yaml
-from helpers import REPO, assert_one_line_error, tree_hashes
+from helpers import REPO, RESUMABLE, assert_one_line_error, tree_hashes
 from safetensors.torch import load_file, save_file
 from test_training_faults import run_stage_script
 
@@ -30,9 +30,8 @@ from posttrain.training.recipe import RESOLVED_RECIPE_NAME
 from posttrain.training.run_dir import checkpoints, incomplete_reason
 
 write_recipe = functools.partial(helpers.write_recipe, "sft")
-# The demo recipe keeps one weights-only checkpoint; these tests resume, so they keep every full one.
-RESUMABLE = dict(save_only_model=False, save_total_limit=None)
-QUICK = dict(max_steps=2, eval_strategy="no", save_strategy="no", health_prompts=0, **RESUMABLE)
+# A quick run with no checkpoint (the demo recipes save none; tests that resume add RESUMABLE).
+QUICK = dict(RESUMABLE, max_steps=2, eval_strategy="no", save_strategy="no", health_prompts=0)
 
 
 def copy_model(src: Path, dst: Path, *skip: str) -> Path:

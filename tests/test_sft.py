@@ -21,7 +21,15 @@ import helpers
 import pytest
 import torch
 import yaml
-from helpers import REPO, build_stage_trainer, one_error_line, parse_production_recipe, parse_stage, run_stage
+from helpers import (
+    REPO,
+    RESUMABLE,
+    build_stage_trainer,
+    one_error_line,
+    parse_production_recipe,
+    parse_stage,
+    run_stage,
+)
 from safetensors.torch import load_file
 
 from posttrain.conversion.chat_template import IM_END, IM_START
@@ -37,7 +45,6 @@ TWO_TURN = 6  # index of the two-turn conversation in fixtures.sft_rows()
 write_recipe = functools.partial(helpers.write_recipe, "sft")
 run_sft = functools.partial(run_stage, "sft")
 SHORT_RUN = dict(eval_strategy="no", save_strategy="no")  # train and save the final model only
-RESUMABLE = dict(save_only_model=False, save_total_limit=None)  # the demo recipe keeps one weights-only checkpoint
 
 
 def parse(*argv):
@@ -178,7 +185,7 @@ def test_packed_loss_equals_unpacked_loss(tmp_path, tiny_model_dir, sft_data_dir
 
 
 def test_resume_equals_uninterrupted(tmp_path, tiny_model_dir, sft_data_dir):
-    # Checkpoints with optimizer state, all kept (the demo recipe keeps one, weights only).
+    # Checkpoints with optimizer state, all kept (the demo recipe saves none).
     common = dict(max_steps=6, save_steps=3, eval_strategy="no", learning_rate=1e-2, **RESUMABLE)
     full = write_recipe(tmp_path / "full.yaml", tiny_model_dir, sft_data_dir, tmp_path / "full", **common)
     run_sft(full)

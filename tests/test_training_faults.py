@@ -20,7 +20,16 @@ from pathlib import Path
 import helpers
 import pytest
 import torch
-from helpers import REPO, assert_one_line_error, one_error_line, parse_stage, run_paused, small_tmpfs, tree_hashes
+from helpers import (
+    REPO,
+    RESUMABLE,
+    assert_one_line_error,
+    one_error_line,
+    parse_stage,
+    run_paused,
+    small_tmpfs,
+    tree_hashes,
+)
 from safetensors.torch import load_file
 
 from posttrain.demo import fixtures
@@ -28,10 +37,7 @@ from posttrain.outputs.errors import PosttrainError
 from posttrain.training.recipe import RESOLVED_RECIPE_NAME
 
 write_recipe = functools.partial(helpers.write_recipe, "sft")
-# Resumable checkpoints (optimizer state), all kept: the demo recipe keeps one, weights only.
-SHORT = dict(
-    max_steps=6, save_steps=2, eval_strategy="no", learning_rate=1e-2, save_only_model=False, save_total_limit=None
-)
+SHORT = dict(RESUMABLE, max_steps=6, save_steps=2, eval_strategy="no", learning_rate=1e-2)
 
 
 def run_stage_script(tmp_path: Path, recipe: Path, *argv, patch: str = "", stage: str = "sft"):
