@@ -163,6 +163,16 @@ class PaddingMeter:
         return 1 - self.real / self.processed
 
 
+def train_metered(trainer_cls, timer: StepTimer, **kwargs) -> tuple:
+    """(trainer, PaddingMeter) of `trainer_cls(callbacks=[timer], **kwargs)` trained: its steps timed, the padding
+    its model really computed metered."""
+    trainer = trainer_cls(callbacks=[timer], **kwargs)
+    timer.trainer = trainer
+    meter = PaddingMeter(trainer)
+    trainer.train()
+    return trainer, meter
+
+
 # -------------------------------------------------------------------- synthetic data shapes
 
 # Preference pairs shaped like UltraFeedback's in the Qwen tokenizer (an assumption: see dpo_padding.py).

@@ -59,7 +59,6 @@ from common import (  # noqa: E402
     REJECTED,
     RESPONSE_SIGMA,
     SYNC_S,
-    PaddingMeter,
     StepTimer,
     computed_figures,
     forward_flops,
@@ -68,6 +67,7 @@ from common import (  # noqa: E402
     preference_dataset,
     timed_run_args,
     tiny_model,
+    train_metered,
     ultrafeedback_lengths,
 )
 
@@ -187,17 +187,15 @@ def tiny_dpo_throughput(pairs, strategy: str, padding_free: bool = False) -> dic
             learning_rate=1e-5,
             use_cpu=True,
         )
-        trainer = PreferenceTrainer(
+        _, meter = train_metered(
+            PreferenceTrainer,
+            timer,
             model=tiny_model(),
             ref_model=tiny_model(),  # the same seeded weights: a live reference, as the recipe
             args=args,
             processing_class=tokenizer,
             train_dataset=preference_dataset(pairs, tokenizer),
-            callbacks=[timer],
         )
-        timer.trainer = trainer
-        meter = PaddingMeter(trainer)
-        trainer.train()
     return {**timer.figures(), "padding_fraction_observed": meter.fraction()}
 
 

@@ -57,7 +57,6 @@ from common import (
     PEAK_TFLOPS,
     RECIPES,
     SYNC_S,
-    PaddingMeter,
     StepTimer,
     computed_figures,
     model_config,
@@ -66,6 +65,7 @@ from common import (
     sampling_figures,
     timed_run_args,
     train_flops_per_token,
+    train_metered,
     ultrafeedback_lengths,
 )
 
@@ -243,7 +243,9 @@ def measure_dpo(
     if reference is not None:
         reference.load_state_dict(policy.state_dict())
     with tempfile.TemporaryDirectory() as out:
-        trainer = TimedTrainer(
+        trainer, meter = train_metered(
+            TimedTrainer,
+            timer,
             model=policy,
             ref_model=reference,
             args=trainer_args(
@@ -258,11 +260,7 @@ def measure_dpo(
             ),
             processing_class=tokenizer,
             train_dataset=preference_dataset(pairs, tokenizer),
-            callbacks=[timer],
         )
-        timer.trainer = trainer
-        meter = PaddingMeter(trainer)
-        trainer.train()
     del trainer, policy, reference
     result = {
         "reference": "precomputed" if precompute else "live (bf16)",

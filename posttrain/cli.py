@@ -32,27 +32,23 @@ from pathlib import Path
 from posttrain.outputs.errors import EXIT_BAD_INPUT, die
 from posttrain.outputs.flags import PROG_ENV, did_you_mean
 
-# name -> (module or data_scripts file, one line for `posttrain --help`, whether accelerate can launch it)
+# name -> (module or data_scripts file, one line for `posttrain --help`)
 COMMANDS = {
-    "sft": ("posttrain.sft", "supervised fine-tuning on a recipe (posttrain/sft.py)", True),
-    "dpo": ("posttrain.dpo", "direct preference optimisation on a recipe (posttrain/dpo.py)", True),
-    "reward": ("posttrain.reward", "train a reward model on preference pairs (posttrain/reward.py)", True),
+    "sft": ("posttrain.sft", "supervised fine-tuning on a recipe (posttrain/sft.py)"),
+    "dpo": ("posttrain.dpo", "direct preference optimisation on a recipe (posttrain/dpo.py)"),
+    "reward": ("posttrain.reward", "train a reward model on preference pairs (posttrain/reward.py)"),
     "generate-pairs": (
         "posttrain.generate_pairs",
         "on-policy preference pairs: sample, score with a reward model (posttrain/generate_pairs.py)",
-        True,
     ),
-    "evaluate": ("posttrain.evaluate", "benchmarks, generation health and comparisons (posttrain/evaluate.py)", True),
-    "chat": ("posttrain.chat", "talk to a model directory, or answer one --prompt (posttrain/chat.py)", False),
-    "convert": ("posttrain.convert", "pre-training checkpoint -> Hugging Face directory (convert-checkpoint)", False),
-    "export": ("posttrain.export", "Hugging Face directory -> pre-training checkpoint (export-checkpoint)", False),
-    "prepare-sft": ("prepare_sft.py", "SFT data: a dataset -> train/test.jsonl (data_scripts/prepare_sft.py)", False),
-    "prepare-dpo": (
-        "prepare_dpo.py",
-        "DPO data: preference pairs -> train/test.jsonl (data_scripts/prepare_dpo.py)",
-        False,
-    ),
+    "evaluate": ("posttrain.evaluate", "benchmarks, generation health and comparisons (posttrain/evaluate.py)"),
+    "chat": ("posttrain.chat", "talk to a model directory, or answer one --prompt (posttrain/chat.py)"),
+    "convert": ("posttrain.convert", "pre-training checkpoint -> Hugging Face directory (convert-checkpoint)"),
+    "export": ("posttrain.export", "Hugging Face directory -> pre-training checkpoint (export-checkpoint)"),
+    "prepare-sft": ("prepare_sft.py", "SFT data: a dataset -> train/test.jsonl (data_scripts/prepare_sft.py)"),
+    "prepare-dpo": ("prepare_dpo.py", "DPO data: preference pairs -> train/test.jsonl (data_scripts/prepare_dpo.py)"),
 }
+LAUNCHED = {"sft", "dpo", "reward", "generate-pairs", "evaluate"}  # the commands accelerate can launch
 
 # accelerate launch options taken from a stage's arguments: flag -> whether it takes a value
 LAUNCH_OPTIONS = {
@@ -77,7 +73,7 @@ def usage() -> str:
         "",
         "commands:",
     ]
-    lines += [f"  {name:<{width}}{about}" for name, (_, about, _) in COMMANDS.items()]
+    lines += [f"  {name:<{width}}{about}" for name, (_, about) in COMMANDS.items()]
     return "\n".join(lines)
 
 
@@ -144,7 +140,7 @@ def main(argv: list[str] | None = None) -> None:
     command, rest = args[0].replace("_", "-"), args[1:]
     if command not in COMMANDS:
         die(f"posttrain: unknown command {args[0]!r}{did_you_mean(command, COMMANDS)}; posttrain --help lists them")
-    target, _, launchable = COMMANDS[command]
+    (target, _), launchable = COMMANDS[command], command in LAUNCHED
     launch, own = split_launch_args(rest) if launchable else ([], rest)
     if launch:
         raise SystemExit(accelerate_launch(command, target, launch, own))

@@ -232,6 +232,23 @@ def convert_checkpoint(
     return report
 
 
+def checkpoint_cli(parser, argv, output_key: str, helps: tuple[str, str], work, summary) -> None:
+    """The end of convert-checkpoint's and export-checkpoint's command lines: `--dtype`, `--verify` and
+    `--overwrite` (`helps` of the last two), `work(args)` under the output's lock, taken before any input is
+    read so that a second run is refused at once, then the `summary(args, report)` line; bad input one line."""
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16", help="weights dtype (default bfloat16)")
+    parser.add_argument("--verify", action="store_true", help=helps[0])
+    parser.add_argument("--overwrite", action="store_true", help=helps[1])
+    args = parser.parse_args(argv)
+
+    def run():
+        with output_lock(getattr(args, output_key)):
+            report = work(args)
+        print(summary(args, report))
+
+    run_cli(run)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = ArgumentParser(prog="convert-checkpoint", description=__doc__.split("\n\n")[0])
     parser.add_argument("checkpoint", help="ckpt_NNNNNN.pt written by the pre-training system")
@@ -239,24 +256,18 @@ def main(argv: list[str] | None = None) -> None:
         "--tokenizer", required=True, help="qwen3 (the built-in Qwen3 tokenizer) or a tokenizer directory"
     )
     parser.add_argument("--output-dir", required=True, help="where the Hugging Face model directory goes")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
-    parser.add_argument("--verify", action="store_true", help="compare logits with a reference forward")
-    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
-    args = parser.parse_args(argv)
-
-    def run():
-        with output_lock(args.output_dir):  # before the inputs are read: a second run is refused at once
-            report = convert_checkpoint(
-                args.checkpoint,
-                args.tokenizer,
-                args.output_dir,
-                args.dtype,
-                verify=args.verify,
-                overwrite=args.overwrite,
-            )
-        print(f"wrote {args.output_dir} ({report['shards']} shard(s), {args.dtype}, iter_num {report['iter_num']})")
-
-    run_cli(run)
+    checkpoint_cli(
+        parser,
+        argv,
+        "output_dir",
+        ("compare logits with a reference forward", "replace a non-empty output directory"),
+        lambda a: convert_checkpoint(
+            a.checkpoint, a.tokenizer, a.output_dir, a.dtype, verify=a.verify, overwrite=a.overwrite
+        ),
+        lambda a, report: (
+            f"wrote {a.output_dir} ({report['shards']} shard(s), {a.dtype}, iter_num {report['iter_num']})"
+        ),
+    )
 
 
 if __name__ == "__main__":

@@ -22,24 +22,16 @@ import trl
 from trl.trainer.utils import global_then_local_main_first
 
 from posttrain.data.lengths import drop_unfit_rows
-from posttrain.data.loading import load_datasets, validate_preference_rows
+from posttrain.data.loading import validate_preference_rows
 from posttrain.training.callbacks import add_health_callback, held_out_prompts
 from posttrain.training.dpo_batching import LengthGroupedPairs
 from posttrain.training.model_card import training_info
 from posttrain.training.padding_free import PaddingFreePairs, check_padding_free
 from posttrain.training.recipe import STAGE_KEYS, Recipe, RecipeHelp
-from posttrain.training.run_dir import (
-    apply_recipe_change,
-    check_recipe_change,
-    claim_output_dir,
-    refuse_inputs_in_output_dir,
-    reporting_stops,
-    resume_checkpoint,
-    run_stage_cli,
-)
+from posttrain.training.run_dir import run_stage_cli
 from posttrain.training.runtime import setup_logging_and_seed
-from posttrain.training.saving import save_run
-from posttrain.training.trainers import build_trainer, check_model, check_renders, load_training_tokenizer
+from posttrain.training.stage import check_inputs, train_and_save
+from posttrain.training.trainers import build_trainer, check_model
 
 # The loss types whose formula reads label_smoothing (TRL 1.16 `DPOTrainer._compute_loss`).
 LABEL_SMOOTHING_LOSSES = {"robust", "exo_pair", "aot", "aot_unpaired"}
@@ -135,17 +127,14 @@ class PreferenceTrainer(PaddingFreePairs, LengthGroupedPairs, trl.DPOTrainer):
 
 
 def main(recipe: Recipe) -> None:
-    script_args, training_args, model_args, dataset_args = recipe.arguments
+    script_args, training_args, model_args, _ = recipe.arguments
     setup_logging_and_seed(training_args)
 
     # Every input is checked, in one line each, before anything in output_dir changes or the model loads.
     # DPO masks by the prompt/response split, so the template needs no {% generation %} markers.
-    refuse_inputs_in_output_dir(recipe)
-    resume = resume_checkpoint(script_args, training_args)
-    record = check_recipe_change(recipe, resume)
-    tokenizer = load_training_tokenizer(model_args, training_args, require_generation_markers=False)
-    train_dataset, eval_dataset = load_datasets(script_args, dataset_args, training_args, validate_preference_rows)
-    check_renders(tokenizer, train_dataset, model_args.model_name_or_path)
+    resume, record, tokenizer, train_dataset, eval_dataset = check_inputs(
+        recipe, validate_preference_rows, require_generation_markers=False
+    )
     health_prompts = held_out_prompts(eval_dataset, script_args.health_prompts)
     check_model(model_args, training_args)
     check_padding_free(model_args, training_args)
@@ -153,11 +142,7 @@ def main(recipe: Recipe) -> None:
 
     trainer = build_trainer(PreferenceTrainer, recipe, tokenizer, train_dataset, eval_dataset)
     add_health_callback(trainer, health_prompts)
-    apply_recipe_change(trainer, record, resume)
-    claim_output_dir(training_args, resume)  # the model loaded: only now are old checkpoints removed
-    with reporting_stops(trainer):  # Ctrl-C or a full disk: one line saying what was kept
-        train_result = trainer.train(resume_from_checkpoint=resume)
-        save_run(trainer, recipe, train_result, info)
+    train_and_save(trainer, recipe, resume, record, info)
 
 
 if __name__ == "__main__":

@@ -154,17 +154,19 @@ class EvalArguments:
 RECIPE_HELP = RecipeHelp(
     description="Evaluation: score each model on lm-evaluation-harness tasks (plain and with its chat template),\n"
     "check its replies stop, and compare the models pairwise with intervals; report.md in output_dir.",
-    keys={
-        "models": "model directories in comparison order (a list, or a mapping name: directory)",
-        "tasks": "lm-evaluation-harness task names",
-        "task_files": "local test splits instead of the Hub (task: file)",
-        "prompts": "prompts for the generation checks (.jsonl or a data_scripts directory)",
-        "judge": "a chat model that judges each model's replies against the next one's",
-        "preference_data": "held-out preference pairs: how often chosen outscores rejected",
-        "batch_size": "scoring batch size per process, or auto",
-        "limit": "score only the first N items of each task (a quick check)",
-        "output_dir": "where the results go",
-    },
+    keys="""
+        models           model directories in comparison order (a list, or a mapping name: directory)
+        tasks            lm-evaluation-harness task names (ifeval, gsm8k, arc_easy, ...)
+        num_fewshot      few-shot examples for every task (unset: each task's own)
+        max_gen_toks     reply limit of the generation tasks (unset: each task's own)
+        task_files       local test splits instead of the Hub (task: file)
+        prompts          prompts for the generation checks (.jsonl or a data_scripts directory)
+        judge            a chat model that judges each model's replies against the next one's
+        preference_data  held-out preference pairs: how often chosen outscores rejected
+        batch_size       scoring batch size per process, or auto
+        limit            score only the first N items of each task (a quick check)
+        output_dir       where the results go
+    """,
 )
 
 

@@ -45,12 +45,11 @@ from posttrain.conversion.source_format import (
     source_weights,
 )
 from posttrain.conversion.source_model import reference_logits
-from posttrain.convert import compare_logits, non_finite, report_verification, verify_tokens
+from posttrain.convert import checkpoint_cli, compare_logits, non_finite, report_verification, verify_tokens
 from posttrain.data.loading import load_errors
 from posttrain.outputs.atomic import atomic_output_file, check_output_file
-from posttrain.outputs.errors import PosttrainError, run_cli
+from posttrain.outputs.errors import PosttrainError
 from posttrain.outputs.flags import ArgumentParser
-from posttrain.outputs.lock import output_lock
 from posttrain.training.recipe import MERGED_DIR, RESOLVED_RECIPE_NAME
 
 CONVERSION_REPORT = "conversion.json"
@@ -344,30 +343,22 @@ def main(argv: list[str] | None = None) -> None:
     parser = ArgumentParser(prog="export-checkpoint", description=__doc__.split("\n\n")[0])
     parser.add_argument("model_dir", help="a convert-checkpoint, SFT or DPO output (or a LoRA run's adapter)")
     parser.add_argument("--output", required=True, help="the checkpoint file to write, e.g. ckpt_160000.pt")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16", help="weights dtype (default bfloat16)")
     parser.add_argument(
         "--iter-num", type=int, default=None, help="iter_num to record (default: the converted checkpoint's, else 0)"
     )
-    parser.add_argument("--verify", action="store_true", help="compare logits of the written file with the model's")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing output file")
-    args = parser.parse_args(argv)
-
-    def run():
-        with output_lock(args.output):  # before the inputs are read: a second run is refused at once
-            report = export_checkpoint(
-                args.model_dir,
-                args.output,
-                args.dtype,
-                iter_num=args.iter_num,
-                verify=args.verify,
-                overwrite=args.overwrite,
-            )
-        print(
-            f"wrote {args.output} ({report['weights']} weights, {args.dtype}, iter_num {report['iter_num']} "
+    checkpoint_cli(
+        parser,
+        argv,
+        "output",
+        ("compare logits of the written file with the model's", "replace an existing output file"),
+        lambda a: export_checkpoint(
+            a.model_dir, a.output, a.dtype, iter_num=a.iter_num, verify=a.verify, overwrite=a.overwrite
+        ),
+        lambda a, report: (
+            f"wrote {a.output} ({report['weights']} weights, {a.dtype}, iter_num {report['iter_num']} "
             f"from {report['iter_num_from']}); stages: {' -> '.join(report['stages'])}"
-        )
-
-    run_cli(run)
+        ),
+    )
 
 
 if __name__ == "__main__":

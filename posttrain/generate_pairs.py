@@ -112,19 +112,19 @@ class PairsArguments:
 RECIPE_HELP = RecipeHelp(
     description="On-policy preference pairs: the policy samples num_samples replies per prompt, a reward model\n"
     "scores them, best against worst; output_dir is a data_scripts directory posttrain/dpo.py trains on.",
-    keys={
-        "policy": "the model that samples (a directory, e.g. the SFT output)",
-        "reward_model": "the scorer (posttrain/reward.py's output)",
-        "prompts": "a data_scripts directory or a .jsonl of messages/prompt rows",
-        "num_prompts": "use the first N prompts",
-        "num_samples": "replies per prompt (at least 2)",
-        "temperature": "sampling temperature",
-        "max_new_tokens": "reply length limit (a reply that reaches it is dropped)",
-        "min_margin": "drop a prompt whose best and worst scores are closer",
-        "generation_batch_size": "prompts per generate call",
-        "output_dir": "where the pairs go",
-        "resume": "continue a stopped run",
-    },
+    keys="""
+        policy                 the model that samples (a directory, e.g. the SFT output)
+        reward_model           the scorer (posttrain/reward.py's output)
+        prompts                a data_scripts directory or a .jsonl of messages/prompt rows
+        num_prompts            use the first N prompts
+        num_samples            replies per prompt (at least 2)
+        temperature            sampling temperature
+        max_new_tokens         reply length limit (a reply that reaches it is dropped)
+        min_margin             drop a prompt whose best and worst scores are closer
+        generation_batch_size  prompts per generate call
+        output_dir             where the pairs go
+        resume                 continue a stopped run
+    """,
 )
 
 

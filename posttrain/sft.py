@@ -17,22 +17,14 @@ import logging
 import trl
 
 from posttrain.data.lengths import drop_overlong_conversations
-from posttrain.data.loading import load_datasets, validate_sft_rows
+from posttrain.data.loading import validate_sft_rows
 from posttrain.training.callbacks import add_health_callback, held_out_prompts
 from posttrain.training.model_card import training_info
 from posttrain.training.recipe import STAGE_KEYS, Recipe, RecipeHelp
-from posttrain.training.run_dir import (
-    apply_recipe_change,
-    check_recipe_change,
-    claim_output_dir,
-    refuse_inputs_in_output_dir,
-    reporting_stops,
-    resume_checkpoint,
-    run_stage_cli,
-)
+from posttrain.training.run_dir import run_stage_cli
 from posttrain.training.runtime import setup_logging_and_seed
-from posttrain.training.saving import save_run
-from posttrain.training.trainers import build_trainer, check_model, check_renders, load_training_tokenizer
+from posttrain.training.stage import check_inputs, train_and_save
+from posttrain.training.trainers import build_trainer, check_model
 
 logger = logging.getLogger("posttrain.sft")
 
@@ -50,20 +42,15 @@ RECIPE_HELP = RecipeHelp(
 
 
 def main(recipe: Recipe) -> None:
-    script_args, training_args, model_args, dataset_args = recipe.arguments
+    script_args, training_args, model_args, _ = recipe.arguments
     setup_logging_and_seed(training_args)
     if not training_args.assistant_only_loss:
         logger.warning("assistant_only_loss is false: the loss also covers system and user turns")
 
     # Every input is checked, in one line each, before anything in output_dir changes or the model loads.
-    refuse_inputs_in_output_dir(recipe)
-    resume = resume_checkpoint(script_args, training_args)
-    record = check_recipe_change(recipe, resume)
-    tokenizer = load_training_tokenizer(
-        model_args, training_args, require_generation_markers=training_args.assistant_only_loss
+    resume, record, tokenizer, train_dataset, eval_dataset = check_inputs(
+        recipe, validate_sft_rows, require_generation_markers=training_args.assistant_only_loss
     )
-    train_dataset, eval_dataset = load_datasets(script_args, dataset_args, training_args, validate_sft_rows)
-    check_renders(tokenizer, train_dataset, model_args.model_name_or_path)
     train_dataset = drop_overlong_conversations(train_dataset, tokenizer, training_args, "train")
     eval_dataset = drop_overlong_conversations(eval_dataset, tokenizer, training_args, "eval")
     health_prompts = held_out_prompts(eval_dataset, script_args.health_prompts)
@@ -72,11 +59,7 @@ def main(recipe: Recipe) -> None:
 
     trainer = build_trainer(trl.SFTTrainer, recipe, tokenizer, train_dataset, eval_dataset)
     add_health_callback(trainer, health_prompts)
-    apply_recipe_change(trainer, record, resume)
-    claim_output_dir(training_args, resume)  # the model loaded: only now are old checkpoints removed
-    with reporting_stops(trainer):  # Ctrl-C or a full disk: one line saying what was kept
-        train_result = trainer.train(resume_from_checkpoint=resume)
-        save_run(trainer, recipe, train_result, info)
+    train_and_save(trainer, recipe, resume, record, info)
 
 
 if __name__ == "__main__":

@@ -17,18 +17,8 @@ import re
 from pathlib import Path
 
 from posttrain.conversion.chat_template import find_control_token
-from posttrain.data.messages import (
-    DESCRIPTIONS,
-    EMPTY_FINAL_ASSISTANT,
-    NON_TEXT_PART,
-    UNKNOWN_ROLE,
-    ContentProblem,
-    as_turns,
-    message_problem,
-    reads,
-    text_content,
-    text_messages,
-)
+from posttrain.data import messages as msg
+from posttrain.data.messages import ContentProblem, as_turns, message_problem, reads, text_content, text_messages
 from posttrain.outputs.errors import PosttrainError
 from posttrain.outputs.flags import looks_local
 
@@ -293,11 +283,11 @@ def load_train_eval(script_args, mixture_args, want_eval: bool):
 
 def _check_messages(messages, where: str, final_assistant: bool = False) -> None:
     problem = message_problem(messages, final_assistant)
-    if problem == UNKNOWN_ROLE:
+    if problem == msg.UNKNOWN_ROLE:
         bad = next(m for m in messages if message_problem([m]))
-        raise PosttrainError(f"{where}: {DESCRIPTIONS[problem]}, got {bad!r}"[:300])
-    if problem and problem != EMPTY_FINAL_ASSISTANT:  # an empty response is named by the callers
-        raise PosttrainError(f"{where}: {DESCRIPTIONS[problem]}")
+        raise PosttrainError(f"{where}: {msg.DESCRIPTIONS[problem]}, got {bad!r}"[:300])
+    if problem and problem != msg.EMPTY_FINAL_ASSISTANT:  # an empty response is named by the callers
+        raise PosttrainError(f"{where}: {msg.DESCRIPTIONS[problem]}")
 
 
 def _refuse_control_tokens(messages: list[dict], where: str) -> None:
@@ -319,7 +309,7 @@ def _text_turns(value, role: str, where: str) -> list:
         return text_messages(turns)
     except ContentProblem as problem:
         bad = next(m for m in turns if isinstance(m, dict) and _content_problem(m.get("content")))
-        raise PosttrainError(f"{where}: {DESCRIPTIONS[problem.reason]}, got {bad!r}"[:300]) from None
+        raise PosttrainError(f"{where}: {msg.DESCRIPTIONS[problem.reason]}, got {bad!r}"[:300]) from None
 
 
 def _content_problem(content) -> bool:
@@ -348,7 +338,7 @@ def _as_conversational(dataset, source: str, roles: dict[str, str], merged: str 
 
         PartialState().print(
             f"note: dataset {source}: left out {n_parts} non-text content parts (images, audio, ...) "
-            f"({NON_TEXT_PART}); training reads the text parts"
+            f"({msg.NON_TEXT_PART}); training reads the text parts"
         )
     if merged is not None:
         converted = {merged: [sum(turns, []) for turns in zip(*converted.values())]}

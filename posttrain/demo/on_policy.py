@@ -12,16 +12,14 @@ scores and margin, what meta.json counted, and the on-policy DPO run's result be
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
 
 from posttrain.demo import fixtures
-from posttrain.demo.pipeline import MARKER, REPO, Demo, log_series, printable, read_log_history
-from posttrain.outputs.errors import PosttrainError, run_cli
+from posttrain.demo.pipeline import MARKER, REPO, Demo, demo_cli, log_series, printable, read_log_history
+from posttrain.outputs.errors import PosttrainError
 
 NEEDED = ("sft/recipe.resolved.yaml", "sft_data/train.jsonl", "dpo_data/train.jsonl")
 MAX_NEW_TOKENS = 24
@@ -121,13 +119,13 @@ def run_on_policy(work: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m posttrain.demo.on_policy", description=__doc__.split("\n\n")[0])
-    p.add_argument("--work-dir", default="demo_runs", help="where `make demo` wrote (or will write) its models")
-    args = p.parse_args(argv)
-    for key in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):  # nothing is downloaded, ever
-        os.environ.setdefault(key, "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    run_cli(lambda: run_on_policy(Path(args.work_dir)))
+    demo_cli(
+        argv,
+        "python -m posttrain.demo.on_policy",
+        __doc__,
+        "where `make demo` wrote (or will write) its models",
+        run_on_policy,
+    )
 
 
 if __name__ == "__main__":

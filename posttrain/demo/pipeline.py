@@ -430,14 +430,21 @@ def run_demo(work: Path) -> None:
     print(summary_line(time.monotonic() - demo.t0, w, evaluation / "report.md"))
 
 
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m posttrain.demo", description=__doc__.split("\n\n")[0])
-    p.add_argument("--work-dir", default="demo_runs", help="where every stage writes (wiped on the next demo run)")
+def demo_cli(argv: list[str] | None, prog: str, doc: str, work_dir_help: str, run) -> None:
+    """A demo's command line: `--work-dir`, nothing ever downloaded, bad input one line (`run(work_dir)`)."""
+    p = argparse.ArgumentParser(prog=prog, description=doc.split("\n\n")[0])
+    p.add_argument("--work-dir", default="demo_runs", help=work_dir_help)
     args = p.parse_args(argv)
-    for key in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):  # nothing is downloaded, ever
+    for key in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
         os.environ.setdefault(key, "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    run_cli(lambda: run_demo(Path(args.work_dir)))
+    run_cli(lambda: run(Path(args.work_dir)))
+
+
+def main(argv: list[str] | None = None) -> None:
+    demo_cli(
+        argv, "python -m posttrain.demo", __doc__, "where every stage writes (wiped on the next demo run)", run_demo
+    )
 
 
 if __name__ == "__main__":

@@ -1,2 +1,3 @@
-"""Evaluation's library: scoring through lm-evaluation-harness, paired statistics between stages, and
-the summary, report and chart evaluate.py writes."""
+"""Evaluation's library: scoring through lm-evaluation-harness (multiple choice and generation, IFEval offline),
+paired statistics between stages, the local judge, held-out preference accuracy, and the summary, report and
+chart evaluate.py writes."""

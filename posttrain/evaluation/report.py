@@ -456,12 +456,18 @@ def _bar(value, ci=None, scale: float = 100.0):
     return scale * value, None if lo is None else scale * lo, None if hi is None else scale * hi
 
 
+def _panel(title: str, ylabel: str, groups: list, series: dict, metrics: list, **extra) -> dict:
+    return {"title": title, "ylabel": ylabel, "groups": groups, "series": series, "metrics": metrics, **extra}
+
+
 def chart_panels(summary: dict) -> list[dict]:
     """What scores.png draws: one panel per task (every metric and scoring mode, a bar per model with its
     95% interval), generation health, preference accuracy and margin, judge win rates. Each panel:
-    {title, ylabel, groups, series: {label: [(value, lo, hi) or None per group]}, metrics: [(section, metric)]}."""
+    {title, ylabel, groups, series: {label: [(value, lo, hi) or None per group]}, metrics: [(section, metric)]}
+    and optionally ylim and a reference line."""
     models = summary["models"]
     panels = []
+    percent = {"ylim": (0, 100)}
     for task in task_names(summary):
         groups, keys = [], []
         for mode in MODES:
@@ -480,80 +486,58 @@ def chart_panels(summary: dict) -> list[dict]:
             for name, m in models.items()
         }
         note = overlap_note(summary, task)
-        panels.append(
-            {
-                "title": f"{task} (n={task_n(summary, task)})" + (f"\n{note}" if note else ""),
-                "ylabel": "% of items (95% interval)",
-                "groups": groups,
-                "series": series,
-                "metrics": [(task, metric) for _, metric in keys],
-                "ylim": (0, 100),
-            }
-        )
+        title = f"{task} (n={task_n(summary, task)})" + (f"\n{note}" if note else "")
+        metrics = [(task, metric) for _, metric in keys]
+        panels.append(_panel(title, "% of items (95% interval)", groups, series, metrics, **percent))
     health = {n: m["generation"] for n, m in models.items() if m.get("generation")}
     if health:
         n = next(iter(health.values()))["n"]
+        rates = {name: [_bar(g[r], g.get(f"{r}_ci95")) for r in GENERATION_RATES] for name, g in health.items()}
         panels.append(
-            {
-                "title": f"generation health, greedy (n={n} prompts)",
-                "ylabel": "% of replies (repeat: % of 4-grams)",
-                "groups": list(GENERATION_RATES),
-                "series": {
-                    name: [_bar(g[r], g.get(f"{r}_ci95")) for r in GENERATION_RATES] for name, g in health.items()
-                },
-                "metrics": [(GENERATION_TASK, r) for r in GENERATION_RATES],
-                "ylim": (0, 100),
-            }
+            _panel(
+                f"generation health, greedy (n={n} prompts)",
+                "% of replies (repeat: % of 4-grams)",
+                list(GENERATION_RATES),
+                rates,
+                [(GENERATION_TASK, r) for r in GENERATION_RATES],
+                **percent,
+            )
         )
+        lengths = {name: [_bar(g["mean_length"], scale=1.0)] for name, g in health.items()}
+        metric = [(GENERATION_TASK, "mean_length")]
         panels.append(
-            {
-                "title": f"reply length (n={n} prompts)",
-                "ylabel": "mean reply length (tokens)",
-                "groups": ["mean_length"],
-                "series": {name: [_bar(g["mean_length"], scale=1.0)] for name, g in health.items()},
-                "metrics": [(GENERATION_TASK, "mean_length")],
-            }
+            _panel(f"reply length (n={n} prompts)", "mean reply length (tokens)", ["mean_length"], lengths, metric)
         )
     pref = {n: m["preference"] for n, m in models.items() if m.get("preference")}
     if pref:
         n = next(iter(pref.values()))["n"]
-        panels.append(
-            {
-                "title": f"held-out preference pairs (n={n})",
-                "ylabel": "% of pairs with log p(chosen) > log p(rejected)",
-                "groups": ["accuracy"],
-                "series": {
-                    name: [_bar(p["accuracy"], stats.wilson_interval(round(p["accuracy"] * p["n"]), p["n"]))]
-                    for name, p in pref.items()
-                },
-                "metrics": [("preference", "accuracy")],
-                "ylim": (0, 100),
-            }
-        )
-        panels.append(
-            {
-                "title": f"held-out preference margin (n={n})",
-                "ylabel": "mean log p(chosen) − log p(rejected) (nats)",
-                "groups": ["mean_margin"],
-                "series": {name: [_bar(p["mean_margin"], scale=1.0)] for name, p in pref.items()},
-                "metrics": [("preference", "mean_margin")],
-            }
-        )
+        accuracy = {
+            name: [_bar(p["accuracy"], stats.wilson_interval(round(p["accuracy"] * p["n"]), p["n"]))]
+            for name, p in pref.items()
+        }
+        ylabel = "% of pairs with log p(chosen) > log p(rejected)"
+        metric = [("preference", "accuracy")]
+        panels.append(_panel(f"held-out preference pairs (n={n})", ylabel, ["accuracy"], accuracy, metric, **percent))
+        margins = {name: [_bar(p["mean_margin"], scale=1.0)] for name, p in pref.items()}
+        ylabel = "mean log p(chosen) − log p(rejected) (nats)"
+        metric = [("preference", "mean_margin")]
+        panels.append(_panel(f"held-out preference margin (n={n})", ylabel, ["mean_margin"], margins, metric))
     judged = summary.get("judgements") or []
     if judged:
+        series = {
+            "win rate": [_bar(j["win_rate"], j["ci95"]) for j in judged],
+            "length-controlled": [_bar(j["length_controlled_win_rate"]) for j in judged],
+        }
         panels.append(
-            {
-                "title": f"judge: win rate of the later model (n={judged[0]['n']} prompts)",
-                "ylabel": "win rate (%, 95% interval)",
-                "groups": [f"{j['a']} → {j['b']}" for j in judged],
-                "series": {
-                    "win rate": [_bar(j["win_rate"], j["ci95"]) for j in judged],
-                    "length-controlled": [_bar(j["length_controlled_win_rate"]) for j in judged],
-                },
-                "metrics": [("judge", "win_rate"), ("judge", "length_controlled_win_rate")],
-                "ylim": (0, 100),
-                "line": 50,
-            }
+            _panel(
+                f"judge: win rate of the later model (n={judged[0]['n']} prompts)",
+                "win rate (%, 95% interval)",
+                [f"{j['a']} → {j['b']}" for j in judged],
+                series,
+                [("judge", "win_rate"), ("judge", "length_controlled_win_rate")],
+                line=50,
+                **percent,
+            )
         )
     return panels
 

@@ -1,2 +1,2 @@
-"""Generating from a model directory through its chat template, and the health of the replies (does it
-stop, does it loop)."""
+"""Generating from a model directory through its chat template (one reply, or many batched by length), the
+health of the replies (does it stop, does it loop), and on-policy pairs (sampled, scored by a reward model)."""

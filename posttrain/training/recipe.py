@@ -203,10 +203,16 @@ def _recipe_argv(argv: Sequence[str] | None) -> tuple[list[str], str | None]:
 @dataclass(frozen=True)
 class RecipeHelp:
     """What a command's `--help` says before the full field list: two lines on what it does, and the recipe
-    keys a user sets most ({key: a few words}); the defaults are read from the dataclasses."""
+    keys a user sets most ({key: a few words}, or a text of `key  a few words` lines); the defaults are read
+    from the dataclasses."""
 
     description: str
-    keys: dict
+    keys: dict | str
+
+    def __post_init__(self):
+        if isinstance(self.keys, str):
+            lines = [line.split(None, 1) for line in self.keys.strip().splitlines()]
+            object.__setattr__(self, "keys", {key: text for key, text in lines})
 
 
 def program_name() -> str:
