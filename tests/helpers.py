@@ -66,6 +66,38 @@ def run_stage(stage: str, *argv) -> None:
     stage_module(stage).main(parse_stage(stage, *argv))
 
 
+def run_main_here(main, argv: list, prog: str = "posttrain") -> subprocess.CompletedProcess:
+    """A command-line entry point (`main(argv)`, or `main()` reading sys.argv) run in this process with its
+    output captured, as the command would print and exit, without a new process's seconds of imports. For
+    refusals: runs that train, stop or die use a real process."""
+    import io
+    import signal
+
+    argv = [str(a) for a in argv]
+    out, err = io.StringIO(), io.StringIO()
+    saved_argv, sigterm = sys.argv, signal.getsignal(signal.SIGTERM)
+    sys.argv = [prog, *argv]
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            main()
+        code = 0
+    except SystemExit as exit_info:
+        code = exit_info.code if isinstance(exit_info.code, int) else 1
+    finally:
+        sys.argv = saved_argv
+        signal.signal(signal.SIGTERM, sigterm)
+    return subprocess.CompletedProcess([prog, *argv], code, out.getvalue(), err.getvalue())
+
+
+def run_stage_cli_here(stage: str, *argv) -> subprocess.CompletedProcess:
+    """`posttrain/<stage>.py RECIPE.yaml ...` (parse, lock, main, its one-line errors and exit codes) in this
+    process (run_main_here)."""
+    from posttrain.training.run_dir import run_stage_cli
+
+    module, config = stage_module(stage), stage_config(stage)
+    return run_main_here(lambda: run_stage_cli(module.main, config), list(argv), f"posttrain/{stage}.py")
+
+
 def build_stage_trainer(stage: str, *argv):
     """The stage's trainer on its data, as its `main` builds it, without training."""
     from posttrain.data.lengths import drop_overlong_conversations

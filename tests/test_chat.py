@@ -11,14 +11,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import assert_one_line_error
+from helpers import assert_one_line_error, run_main_here
 
 from posttrain import chat
 from posttrain.generation import generate
-from posttrain.outputs.errors import PosttrainError
+from posttrain.outputs.errors import PosttrainError, run_cli
 
 
 def run_chat(*args, stdin: str | None = None) -> subprocess.CompletedProcess:
+    """`python -m posttrain.chat ARGS`: a real process for the REPL (its stdin), else in this process."""
+    if stdin is None:
+        return run_main_here(lambda: run_cli(chat.main), list(args), "python -m posttrain.chat")
     return subprocess.run(
         [sys.executable, "-m", "posttrain.chat", *map(str, args)],
         input=stdin,

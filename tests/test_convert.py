@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import assert_one_line_error, make_read_only, run_paused, small_tmpfs, tree_hashes
+from helpers import assert_one_line_error, make_read_only, run_main_here, run_paused, small_tmpfs, tree_hashes
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -259,7 +259,7 @@ def bad_inputs(d: Path, good: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def bad_runs(tmp_path_factory, tokenizer_dir, qwen3_source_checkpoint, qwen3_tokenizer_dir):
-    """Run the CLI on every bad input at once (independent processes, ~2 s of torch import each)."""
+    """convert-checkpoint's command line on every bad input, in this process (run_main_here)."""
     d = tmp_path_factory.mktemp("bad")
     good = fixtures.write_source_checkpoint(d / "good.pt", with_optimizer=False)
     cases = bad_inputs(d, good)
@@ -275,25 +275,14 @@ def bad_runs(tmp_path_factory, tokenizer_dir, qwen3_source_checkpoint, qwen3_tok
         "has <|endoftext|> = 384, but this checkpoint (vocab_size 151669, the Qwen3 vocabulary) was trained with "
         "<|endoftext|> = 151643; pass the tokenizer pre-training used (--tokenizer qwen3)",
     )
-    procs = {
-        name: subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "posttrain.convert",
-                ckpt,
-                "--tokenizer",
-                tok or tokenizer_dir,
-                "--output-dir",
-                d / f"out_{name}",
-            ],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for name, (ckpt, tok, _) in cases.items()
-    }
-    return d, {name: (*p.communicate(), p.returncode, cases[name][2]) for name, p in procs.items()}
+    from posttrain import convert
+
+    runs = {}
+    for name, (ckpt, tok, fragment) in cases.items():
+        argv = [ckpt, "--tokenizer", tok or tokenizer_dir, "--output-dir", d / f"out_{name}"]
+        proc = run_main_here(lambda argv=argv: convert.main([str(a) for a in argv]), argv, "convert-checkpoint")
+        runs[name] = (proc.stdout, proc.stderr, proc.returncode, fragment)
+    return d, runs
 
 
 @pytest.mark.parametrize(

@@ -104,7 +104,7 @@ def test_a_rerun_whose_model_cannot_load_leaves_a_finished_run_as_it_was(
     before = tree_hashes(finished)
     for name, (model, extra, message) in broken_models(tmp_path, tiny_model_dir).items():
         recipe = write_recipe(tmp_path / "r.yaml", model, sft_data_dir, finished, **QUICK, **extra)
-        proc = run_stage_script(tmp_path, recipe)
+        proc = helpers.run_stage_cli_here("sft", recipe)
         line = assert_one_line_error(proc)
         assert re.search(message, line), (name, line)
         assert tree_hashes(finished) == before, name
@@ -267,7 +267,8 @@ def test_sigterm_under_accelerate_launch_stops_every_rank_at_the_same_step(tmp_p
     lines = [ln for ln in stderr.splitlines() if ln.startswith("interrupted:")]
     assert len(lines) == 1 and lines[0].startswith("interrupted: stopped by SIGTERM at step "), stderr[-4000:]
     assert "is the newest complete checkpoint; continue with --resume_from_checkpoint true" in lines[0]
-    assert all(incomplete_reason(c) is None for c in checkpoints(out)), stderr[-4000:]
+    left = {c.name: (incomplete_reason(c), sorted(p.name for p in c.iterdir())) for c in checkpoints(out)}
+    assert all(reason is None for reason, _ in left.values()), (left, stderr[-4000:])
     assert not (tmp_path / ".out.lock").exists()
     assert launcher.returncode != 0
 

@@ -415,7 +415,7 @@ def test_lora_trains_and_saves_adapter_and_merged_model(tmp_path, tiny_model_dir
 # ------------------------------------------------------------------- bad input, CLI
 
 
-def test_bad_input_is_one_line_before_training(tmp_path, tiny_model_dir, sft_data_dir):
+def test_bad_input_is_one_line_before_training(tmp_path, tiny_model_dir, sft_data_dir, monkeypatch):
     rows = fixtures.sft_rows()
     cases = {}
 
@@ -459,20 +459,11 @@ def test_bad_input_is_one_line_before_training(tmp_path, tiny_model_dir, sft_dat
         r"dataset data/sft_never_prepared: no such local file or directory, and not loadable as a hub dataset",
     )
 
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    procs = {}
+    monkeypatch.chdir(tmp_path)
     for name, (data, model, _) in cases.items():
         recipe = write_recipe(tmp_path / f"{name}.yaml", model, data, tmp_path / f"out_{name}", eval_strategy="no")
-        procs[name] = subprocess.Popen(
-            [sys.executable, str(SFT_SCRIPT), str(recipe)],
-            cwd=REPO,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-    for name, proc in procs.items():
-        _, err = proc.communicate(timeout=300)
+        proc = helpers.run_stage_cli_here("sft", recipe)
+        err = proc.stderr
         assert proc.returncode == 2, err
         assert "Traceback" not in err
         error = one_error_line(err)

@@ -148,7 +148,7 @@ def test_a_rerun_with_bad_input_leaves_a_finished_run_exactly_as_it_was(
         recipe = write_recipe(
             tmp_path / "r.yaml", model, data, finished_run, max_steps=2, eval_strategy="no", overwrite_output_dir=True
         )
-        proc = run_stage_script(tmp_path, recipe)
+        proc = helpers.run_stage_cli_here("sft", recipe)
         assert proc.returncode == 2 and "Traceback" not in proc.stderr, (name, proc.stderr)
         assert re.search(message, one_error_line(proc.stderr)), (name, proc.stderr)
         assert tree_hashes(finished_run) == before, name
