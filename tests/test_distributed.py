@@ -69,7 +69,7 @@ def test_ddp_config():
 @pytest.mark.parametrize(
     "env, expected",
     [
-        ({"WORLD_SIZE": "2"}, {"ddp_backend": "gloo"}),  # ddp.yaml: without it each rank trains alone
+        ({"WORLD_SIZE": "2"}, {"ddp_backend": "gloo", "use_cpu": True}),  # ddp.yaml: else each rank trains alone
         ({"WORLD_SIZE": "1", "ACCELERATE_USE_DEEPSPEED": "true"}, {"ddp_backend": "gloo"}),
         ({"WORLD_SIZE": "1"}, {}),
         ({}, {}),

@@ -84,11 +84,13 @@ def launch_defaults() -> dict:
     """Defaults that depend on how the script was launched.
 
     Several processes without a GPU (the CPU tests and the demo): with no backend named, Accelerate 1.15
-    records one process on every rank although the launcher started a process group. Under plain DDP each
-    rank then trains alone, unsynchronised, and every one of them writes the output directory; under
-    DeepSpeed the `train_batch_size` it writes into the DeepSpeed config is short by the world size and the
-    first engine DeepSpeed builds fails its own batch-size check. Naming the gloo backend makes Accelerate
-    count the processes. On GPUs nothing changes (NCCL is found as before).
+    records one process on every rank although the launcher started a process group; under DeepSpeed the
+    `train_batch_size` it writes into the DeepSpeed config is then short by the world size and the first
+    engine DeepSpeed builds fails its own batch-size check. Naming the gloo backend makes Accelerate count the
+    processes. Plain DDP (a MULTI_GPU launch config on CPU processes) also needs `use_cpu`: without it
+    Accelerate counts the processes but makes them DistributedType.NO, so no rank synchronises with another
+    (no gradient all-reduce, each trains alone) and each writes into the output directory. On GPUs nothing
+    changes (NCCL is found as before). Nothing here is written into recipe.resolved.yaml.
 
     FSDP on processes without a GPU is refused: Accelerate 1.15 applies an FSDP config only to GPU-type
     processes (its state sets FSDP for MULTI_GPU, MULTI_NPU, ...; CPU processes become MULTI_CPU or NO), so
@@ -102,11 +104,12 @@ def launch_defaults() -> dict:
             "each would train alone, unsharded and unsynchronised; on CPU use accelerate_configs/zero3.yaml "
             "(DeepSpeed ZeRO-3 runs there) or a single process"
         )
+    if torch.cuda.is_available():
+        return {}
     several = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
-    if (several or deepspeed) and not torch.cuda.is_available():
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
         return {"ddp_backend": "gloo"}
-    return {}
+    return {"ddp_backend": "gloo", "use_cpu": True} if several else {}
 
 
 def read_recipe_yaml(path: str) -> dict:

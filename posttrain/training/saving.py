@@ -9,6 +9,7 @@ presence marks the directory as a finished run.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import shutil
@@ -157,10 +158,11 @@ def save_run(trainer, recipe: Recipe, train_result, info: dict | None = None) ->
         if info is not None:  # over the card TRL wrote at each checkpoint
             write_model_card(out, settings=resolved_recipe(*recipe.arguments))
         # A rerun from the saved recipe starts from scratch, and re-derives its launch defaults.
+        defaults = {f.name: f.default for f in dataclasses.fields(recipe.training_args)}
         overrides = {
             "resume_from_checkpoint": None,
             "allow_recipe_change": False,
-            **dict.fromkeys(recipe.launch_defaults),
+            **{key: defaults[key] for key in recipe.launch_defaults},
         }
         record = next((cb.record for cb in trainer.callback_handler.callbacks if isinstance(cb, RunRecipe)), {})
         save_resolved_recipe(
