@@ -17,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+import helpers
 import pytest
 from helpers import REPO, assert_one_line_error, make_read_only, run_paused, small_tmpfs, tree_hashes
 
@@ -729,12 +730,7 @@ def train(stage: str, model_dir, data_dir, output_dir) -> list[dict]:
     )  # the tiny model's whole context: the multi-turn rows are long
     path = Path(output_dir).with_suffix(".yaml")
     path.write_text(yaml.safe_dump(recipe))
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "posttrain" / f"{stage}.py"), str(path)],
-        cwd=path.parent,
-        capture_output=True,
-        text=True,
-    )
+    proc = helpers.run_stage_cli_here(stage, path)  # the stage's command line, in this process
     assert proc.returncode == 0, proc.stderr[-2000:]
     return json.loads((Path(output_dir) / "trainer_state.json").read_text())["log_history"]
 

@@ -2,7 +2,8 @@
 whose model cannot load, every file gets the umask's mode, lock and leftover paths are never followed, SIGTERM stops
 at a safe point with one line, and a resume with a changed recipe is refused or applied for real.
 
-Real runs of the tiny model in subprocesses (`run_stage_script`), as in test_training_faults.py.
+Real runs of the tiny model (`run_stage_script`: a subprocess where a kill or signal is patched in), as in
+test_training_faults.py.
 """
 
 from __future__ import annotations
@@ -167,9 +168,7 @@ def test_a_symlink_at_the_lock_is_refused_and_its_target_untouched(tmp_path, tin
     target.write_text("keep me\n")
     (tmp_path / ".out.lock").symlink_to(target)
     recipe = write_recipe(tmp_path / "r.yaml", tiny_model_dir, sft_data_dir, tmp_path / "out", **QUICK)
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "posttrain" / "sft.py"), str(recipe)], capture_output=True, text=True, timeout=300
-    )
+    proc = helpers.run_stage_cli_here("sft", recipe)
     assert_one_line_error(proc, f"{tmp_path / '.out.lock'} is a symlink (to {target})")
     assert target.read_text() == "keep me\n" and not (tmp_path / "out").exists()
 

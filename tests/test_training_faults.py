@@ -41,7 +41,10 @@ SHORT = dict(RESUMABLE, max_steps=6, save_steps=2, eval_strategy="no", learning_
 
 
 def run_stage_script(tmp_path: Path, recipe: Path, *argv, patch: str = "", stage: str = "sft"):
-    """Run the stage's `main` in a subprocess, after `patch` (Python source run first), as its CLI would."""
+    """Run the stage's command line as its script would: with a `patch` (Python source run first: a kill, a
+    signal, a fault) in a subprocess of its own; without one in this process (helpers.run_stage_cli_here)."""
+    if not patch:
+        return helpers.run_stage_cli_here(stage, recipe, *argv)
     script = tmp_path / f"run_{stage}.py"
     script.write_text(
         "import os, sys, signal, errno\nimport transformers\n"
